@@ -1,0 +1,195 @@
+"""DeepSeek rotary position embedding (RoPE) for the MLA rope half.
+
+Reads an HF DeepSeek config (a plain ``dict`` parsed from ``config.json``), in either spelling:
+the checkpoint's ``rope_theta`` + ``rope_scaling`` or transformers>=5's ``rope_parameters``.
+
+- ``rope_inv_freq(config) -> [rope_dim // 2] float32``: per-pair inverse frequencies, with DeepSeek's
+  YaRN correction when ``rope_scaling.type == "yarn"`` (same as transformers' ``_compute_yarn_parameters``
+  and vLLM's ``DeepseekScalingRotaryEmbedding``).
+- ``rope_attention_factor(config) -> float``: the magnitude factor engines fold into cos/sin when they
+  rope a token at its position (YaRN ``mscale / mscale_all_dim``; 1.0 for DeepSeek-V3 and without YaRN).
+- ``softmax_scale(config) -> float``: ``qk_head_dim ** -0.5`` times ``mscale(mscale_all_dim) ** 2``.
+- ``apply_rope(x, positions, inv_freq, interleaved)``: a pure rotation, ``|apply_rope(x)| == |x|``.
+
+The YaRN scale must not be applied twice (DESIGN.md §3). Engines apply ``rope_attention_factor`` once,
+when a key or query is first roped at its position. Moving an already-roped vector by ``N`` positions
+(corpus queries, chunk offsets) is ``apply_rope`` alone: it never scales, so rotations compose,
+``apply_rope(apply_rope(x, p), n) == apply_rope(x, p + n)``, and ``apply_rope(., -n)`` inverts.
+"""
+
+import math
+from typing import Any
+
+import torch
+
+from qroute.errors import ConfigError
+
+__all__ = [
+    "apply_rope",
+    "rope_attention_factor",
+    "rope_inv_freq",
+    "rope_is_interleaved",
+    "rope_parameters",
+    "softmax_scale",
+]
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """Normalise the RoPE settings of an HF DeepSeek config into one flat dict.
+
+    Returns a new dict with at least ``rope_type`` ("default" or "yarn") and ``rope_theta``; for yarn
+    also ``factor`` and ``original_max_position_embeddings`` (and whatever optional keys were given).
+    """
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "deepseek_yarn":  # vLLM's internal name for the same scaling
+        rope_type = "yarn"
+    params["rope_type"] = rope_type
+    theta = params.get("rope_theta", config.get("rope_theta"))
+    if theta is None:
+        raise ConfigError("config has no `rope_theta` (top level or in `rope_parameters`); set it, e.g. 10000")
+    params["rope_theta"] = float(theta)
+    if rope_type == "default":
+        return params
+    if rope_type != "yarn":
+        raise ConfigError(f"rope type {rope_type!r} in `rope_scaling` is not supported; allowed: 'default', 'yarn'")
+    params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    if params["original_max_position_embeddings"] is None:
+        raise ConfigError("yarn rope needs `rope_scaling.original_max_position_embeddings`")
+    if params.get("factor") is None:
+        # transformers' rule: without `factor`, the context extension ratio is the factor.
+        params["factor"] = config["max_position_embeddings"] / params["original_max_position_embeddings"]
+    return params
+
+
+def _rope_dim(config: dict[str, Any]) -> int:
+    dim = config.get("qk_rope_head_dim")
+    if not isinstance(dim, int) or dim <= 0 or dim % 2:
+        raise ConfigError(f"`qk_rope_head_dim` must be a positive even int, got {dim!r}")
+    return dim
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    # DeepSeek's yarn_get_mscale, shared by transformers and vLLM.
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(config: dict[str, Any]) -> torch.Tensor:
+    """Inverse frequencies of the rope half: ``[qk_rope_head_dim // 2]``, float32, CPU.
+
+    Pair ``i`` rotates by ``position * inv_freq[i]`` radians.
+    """
+    dim = _rope_dim(config)
+    params = rope_parameters(config)
+    base = params["rope_theta"]
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq_extra = 1.0 / pos_freqs
+    if params["rope_type"] == "default":
+        return inv_freq_extra
+    factor = float(params["factor"])
+    inv_freq_inter = 1.0 / (factor * pos_freqs)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+    orig_max = params["original_max_position_embeddings"]
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # same singularity guard as transformers and vLLM
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extra_weight = 1 - ramp  # 1 for fast-rotating pairs (kept), 0 for slow ones (interpolated)
+    return inv_freq_inter * (1 - extra_weight) + inv_freq_extra * extra_weight
+
+
+def rope_attention_factor(config: dict[str, Any]) -> float:
+    """Factor engines multiply cos/sin by when roping a token at its position (HF ``attention_scaling``).
+
+    YaRN: ``attention_factor`` if given, else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``
+    when both are set, else ``mscale(factor)``; 1.0 otherwise and for DeepSeek-V3 (mscale == mscale_all_dim).
+    Apply it once per token, never when rotating by an offset (see the module docstring).
+    """
+    params = rope_parameters(config)
+    if params["rope_type"] == "default":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = float(params["factor"])
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def softmax_scale(config: dict[str, Any]) -> float:
+    """DeepSeek's attention softmax scale: ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, times
+    ``mscale(factor, mscale_all_dim) ** 2`` under YaRN with a nonzero ``mscale_all_dim``."""
+    nope = config.get("qk_nope_head_dim")
+    if not isinstance(nope, int) or nope < 0:
+        raise ConfigError(f"`qk_nope_head_dim` must be a non-negative int, got {nope!r}")
+    scale = (nope + _rope_dim(config)) ** -0.5
+    params = rope_parameters(config)
+    mscale_all_dim = params.get("mscale_all_dim")
+    if params["rope_type"] != "default" and mscale_all_dim:
+        m = _yarn_mscale(float(params["factor"]), float(mscale_all_dim))
+        scale *= m * m
+    return scale
+
+
+def rope_is_interleaved(config: dict[str, Any]) -> bool:
+    """Pair layout of the checkpoint's rope half: True = pairs ``(2i, 2i+1)`` (DeepSeek's, the HF default).
+
+    vLLM always ropes DeepSeek as interleaved (``is_neox_style=False``) and ignores ``rope_interleave``;
+    transformers honours it. Only ``rope_interleave: false`` checkpoints tell them apart.
+    """
+    return bool(config.get("rope_interleave", True))
+
+
+def apply_rope(
+    x: torch.Tensor, positions: torch.Tensor | int, inv_freq: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """Rotate the rope half ``x`` by ``positions``: a pure rotation, no magnitude factor.
+
+    x: ``[T, ..., rope_dim]`` (e.g. ``[T, H, rope_dim]`` queries or ``[T, rope_dim]`` keys), any float dtype.
+    positions: int tensor ``[T]`` (or a Python int for every row); may be negative (inverse rotation).
+    inv_freq: ``[rope_dim // 2]`` float32 from ``rope_inv_freq``.
+    interleaved: True rotates pairs ``(2i, 2i+1)`` in place (vLLM ``is_neox_style=False``, the layout
+    stays interleaved); False rotates ``(i, i + rope_dim/2)`` (NeoX halves).
+    Returns a tensor like ``x`` (same shape and dtype), computed in float32.
+    """
+    half = inv_freq.shape[-1]
+    if inv_freq.dim() != 1 or x.shape[-1] != 2 * half:
+        raise ConfigError(
+            f"rope: x's last dim {x.shape[-1]} must be 2 * len(inv_freq) = {2 * half} "
+            f"(inv_freq shape {tuple(inv_freq.shape)})"
+        )
+    if x.dim() < 2:
+        raise ConfigError(f"rope: x must be [T, ..., rope_dim], got shape {tuple(x.shape)}")
+    num_tokens = x.shape[0]
+    if isinstance(positions, int):
+        positions = torch.full((num_tokens,), positions, dtype=torch.int64, device=x.device)
+    if positions.dtype.is_floating_point or positions.dim() != 1 or positions.shape[0] != num_tokens:
+        raise ConfigError(
+            f"rope: positions must be an int tensor [T={num_tokens}], got {positions.dtype} {tuple(positions.shape)}"
+        )
+    # The angle is formed in float64 so that composition holds at any position: in float32,
+    # p * inv_freq loses up to ulp(p * f) (~4e-3 rad at p = 32K), and p*f + n*f != (p+n)*f.
+    angle = positions.to(device=x.device, dtype=torch.float64)[:, None] * inv_freq.to(
+        device=x.device, dtype=torch.float64
+    )
+    angle = angle.view(num_tokens, *([1] * (x.dim() - 2)), half)
+    cos, sin = angle.cos().float(), angle.sin().float()
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)

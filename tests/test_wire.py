@@ -1,0 +1,373 @@
+"""Tests for qroute.wire: round trips, validation, size bounds, fuzzing, handshake."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qroute import wire
+from qroute.errors import ConfigError, HandshakeMismatch, RemoteError, WireError
+from qroute.wire import (
+    ErrorCode,
+    ErrorReply,
+    FetchReply,
+    FetchRequest,
+    Hello,
+    HelloReply,
+    RouteReply,
+    RouteRequest,
+    Tensor,
+    as_torch,
+    decode,
+    encode,
+    from_wire,
+    to_wire,
+)
+
+SECRET = b"s3cret"
+T, H, RANK, ROPE = 3, 4, 16, 8
+
+
+def rng_array(shape: tuple[int, ...], dtype: str = "float32", seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def route_request(dtype: str = "float32", **kw: object) -> RouteRequest:
+    fields: dict[str, object] = dict(
+        request_id=7, corpus="code", layer=2,
+        q_nope=to_wire(torch.randn(T, H, RANK, dtype=getattr(torch, dtype))),
+        q_pe=to_wire(torch.randn(T, H, ROPE, dtype=getattr(torch, dtype))),
+        position_shift=4096, block_ids=(0, 5, 9), timeout_us=50_000,
+    )
+    fields.update(kw)
+    return RouteRequest(**fields)  # type: ignore[arg-type]
+
+
+def hello(**kw: object) -> Hello:
+    fields: dict[str, object] = dict(
+        model_fingerprint="tiny@1", compat=wire.compat_hash("tiny@1", 576, 64, "bfloat16"),
+        corpus_name="code", corpus_version="v1", secret=SECRET,
+    )
+    fields.update(kw)
+    return wire.make_hello("req-0", **fields)  # type: ignore[arg-type]
+
+
+def all_messages() -> list[wire.Message]:
+    h = hello()
+    return [
+        h,
+        wire.accept_hello(h, instance_id="own-1", secret=SECRET),
+        HelloReply(wire.WIRE_VERSION, False, "corpus version differs"),
+        route_request(),
+        route_request("bfloat16", q_positions=to_wire(np.arange(T, dtype=np.int64))),
+        RouteReply(7, to_wire(rng_array((T, H, RANK))), to_wire(rng_array((T, H)))),
+        FetchRequest(8, "code", 0, (1, 2, 3), 10_000),
+        FetchReply(8, to_wire(rng_array((40, RANK + ROPE), "float16")), (1, 2, 3)),
+        FetchReply(9, to_wire(np.zeros((0, 24), np.float32)), ()),
+        ErrorReply(8, ErrorCode.OVERLOADED, "queue full"),
+    ]
+
+
+MESSAGES = all_messages()
+VALID = [encode(m) for m in MESSAGES]
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("msg", all_messages(), ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: wire.Message) -> None:
+    buf = encode(msg)
+    assert decode(buf) == msg
+    assert decode(memoryview(buf)) == msg and decode(bytearray(buf)) == msg
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3), (2, 3, 4), (1, 2, 3, 4)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8", "int32", "int64"])
+def test_numpy_tensor_round_trip(shape: tuple[int, ...], dtype: str) -> None:
+    x = np.asarray(rng_array(shape) * 50).astype(dtype)
+    t = to_wire(x)
+    assert (t.dtype, t.shape) == (dtype, shape)
+    back = from_wire(msgspec.msgpack.decode(msgspec.msgpack.encode(t), type=Tensor))
+    np.testing.assert_array_equal(back, x)
+    np.testing.assert_array_equal(as_torch(t).numpy(), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_torch_tensor_round_trip(dtype: torch.dtype) -> None:
+    x = torch.randn(T, H, RANK).to(dtype)
+    msg = RouteReply(1, to_wire(x.float()), to_wire(torch.zeros(T, H)))
+    t = to_wire(x)
+    assert t.dtype == str(dtype).removeprefix("torch.")
+    back = as_torch(decode(encode(FetchReply(2, Tensor(t.dtype, (T * H, RANK), t.data), (0,)))).rows)
+    assert back.dtype == dtype and torch.equal(back.reshape(T, H, RANK), x)
+    assert decode(encode(msg)) == msg
+
+
+def test_bfloat16_travels_as_uint16_bits() -> None:
+    x = torch.randn(4, 5).bfloat16()
+    t = to_wire(x)
+    bits = from_wire(t)
+    assert bits.dtype == np.uint16 and bits.shape == (4, 5)
+    np.testing.assert_array_equal(bits.view(np.int16), x.view(torch.int16).numpy())
+    assert to_wire(bits, bfloat16_bits=True) == t
+    assert torch.equal(as_torch(t), x)
+
+
+def test_big_endian_and_strided_arrays_are_normalised() -> None:
+    x = np.arange(12, dtype=">f4").reshape(3, 4)[:, ::2]
+    t = to_wire(x)
+    assert t.dtype == "float32" and t.data == np.ascontiguousarray(x, "<f4").tobytes()
+    np.testing.assert_array_equal(from_wire(t), x)
+
+
+def test_error_reply_to_exception() -> None:
+    exc = ErrorReply(3, ErrorCode.DEADLINE, "took 12 ms").as_exception()
+    assert isinstance(exc, RemoteError) and exc.code == "deadline" and "took 12 ms" in str(exc)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("float64", (2,), bytes(16)), "dtype 'float64'"),
+        (("float32", (2,), bytes(7)), "needs 8"),
+        (("float32", (1, 1, 1, 1, 1), bytes(4)), "<= 4"),
+        (("float32", (-1,), b""), "non-negative"),
+        (("int32", (2**40, 2**40), bytes(4)), "needs"),
+    ],
+)
+def test_bad_tensor_raises_wire_error(args: tuple[str, tuple[int, ...], bytes], match: str) -> None:
+    with pytest.raises(WireError, match=match):
+        Tensor(*args)
+    # The same tensor arriving over the wire (built without validation) is refused too.
+    raw = msgspec.msgpack.encode(["fetch_reply", 1, list(args), [0]])
+    with pytest.raises(WireError):
+        decode(raw)
+
+
+def test_to_wire_rejects_unsupported_inputs() -> None:
+    with pytest.raises(WireError, match="float64"):
+        to_wire(np.zeros(3))
+    with pytest.raises(WireError, match="numpy array or torch tensor"):
+        to_wire([1.0, 2.0])
+    with pytest.raises(WireError, match="uint16"):
+        to_wire(np.zeros(3, np.float32), bfloat16_bits=True)
+
+
+def _tensor(shape: tuple[int, ...], dtype: str = "float32") -> Tensor:
+    return Tensor(dtype, shape, bytes(int(np.prod(shape)) * wire.WIRE_DTYPES[dtype]))
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: route_request(q_pe=_tensor((T + 1, H, ROPE))), "same T and H"),
+        (lambda: route_request(q_pe=_tensor((T, H + 1, ROPE))), "same T and H"),
+        (lambda: route_request(q_nope=_tensor((T, H))), r"\[T, H, \*\]"),
+        (lambda: route_request(q_pe=_tensor((T, H, ROPE), "float16")), "must match"),
+        (lambda: route_request(q_nope=_tensor((T, H, RANK), "int32"), q_pe=_tensor((T, H, ROPE), "int32")),
+         "must match and be one of"),
+        (lambda: route_request(q_positions=_tensor((T + 1,), "int64")), "q_positions"),
+        (lambda: route_request(q_positions=_tensor((T,), "float32")), "q_positions"),
+        (lambda: route_request(block_ids=(1, 1)), "duplicates"),
+        (lambda: RouteReply(1, _tensor((T, H, RANK)), _tensor((T, H + 1))), "out.shape"),
+        (lambda: RouteReply(1, _tensor((T, H, RANK)), _tensor((T, H), "float16")), "lse float16"),
+        (lambda: RouteReply(1, _tensor((T, H)), _tensor((T,))), "kv_lora_rank"),
+        (lambda: FetchReply(1, _tensor((4, 3, 2)), (0,)), "num_tokens, width"),
+        (lambda: FetchReply(1, _tensor((4, 3)), ()), "without block_ids"),
+        (lambda: FetchRequest(1, "c", 0, (2, 2), 5), "duplicates"),
+        (lambda: Hello(1, "a", "m", "c", "v", "h", b"short", bytes(32)), "nonce"),
+        (lambda: HelloReply(1, True), "accepting"),
+    ],
+)
+def test_semantic_validation(build, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(WireError, match=match):
+        build()
+
+
+def test_invalid_message_on_the_wire_raises_wire_error() -> None:
+    # Bypass __post_init__ by encoding plain lists with the message layout.
+    good = route_request()
+    fields = [getattr(good, f) for f in good.__struct_fields__]
+    bad_pe = ["float32", [T + 1, H, ROPE], bytes((T + 1) * H * ROPE * 4)]
+    for index, value in [(6, [1, 1]), (7, 0), (7, -3), (2, -1), (0, -1), (4, bad_pe), (1, "x" * 300)]:
+        mutated = list(fields)
+        mutated[index] = value
+        with pytest.raises(WireError):
+            decode(msgspec.msgpack.encode(["route", *mutated]))
+    with pytest.raises(WireError, match="Invalid enum value"):
+        decode(msgspec.msgpack.encode(["error", 1, "teapot", "x"]))
+    with pytest.raises(WireError):
+        decode(msgspec.msgpack.encode(["nope", 1]))
+
+
+def test_oversized_buffer_rejected_before_decoding() -> None:
+    buf = VALID[3]
+    with pytest.raises(WireError, match="too large"):
+        decode(buf, max_bytes=len(buf) - 1)
+    assert decode(buf, max_bytes=len(buf)) == MESSAGES[3]
+    # Even a garbage buffer says "too large", not "malformed": the size is checked first.
+    with pytest.raises(WireError, match="too large"):
+        decode(b"\xc1" * 100, max_bytes=10)
+    with pytest.raises(WireError, match="hello too large"):
+        wire.decode_hello(bytes(wire.MAX_HELLO_BYTES + 1))
+
+
+def test_decode_hello_accepts_only_hello() -> None:
+    h = hello()
+    assert wire.decode_hello(encode(h)) == h
+    with pytest.raises(WireError):
+        wire.decode_hello(VALID[-1])
+
+
+def test_framing() -> None:
+    payload = VALID[3]
+    framed = wire.frame(payload)
+    assert framed[:4] == len(payload).to_bytes(4, "big") and framed[4:] == payload
+    assert wire.frame_length(framed[:4]) == len(payload)
+    with pytest.raises(WireError, match="frame too large"):
+        wire.frame_length((2**32 - 1).to_bytes(4, "big"))
+    with pytest.raises(WireError, match="frame too large"):
+        wire.frame(payload, max_bytes=len(payload) - 1)
+    with pytest.raises(WireError, match="4 bytes"):
+        wire.frame_length(b"\x00\x01")
+    assert wire.MAX_FRAME_BYTES < 2**32
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _decode_only_wire_errors(buf: bytes) -> None:
+    try:
+        msg = decode(buf)
+    except WireError:
+        return
+    assert decode(encode(msg)) == msg  # whatever decodes is a valid message
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_random_bytes_only_raise_wire_error(buf: bytes) -> None:
+    _decode_only_wire_errors(buf)
+
+
+@FUZZ
+@given(
+    st.sampled_from(VALID),
+    st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), min_size=1, max_size=6),
+)
+def test_mutated_encodings_only_raise_wire_error(buf: bytes, edits: list[tuple[int, int]]) -> None:
+    mutated = bytearray(buf)
+    for pos, value in edits:
+        mutated[pos % len(mutated)] = value
+    _decode_only_wire_errors(bytes(mutated))
+
+
+@FUZZ
+@given(st.sampled_from(VALID), st.data())
+def test_truncated_or_extended_encodings_only_raise_wire_error(buf: bytes, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(buf)))
+    tail = data.draw(st.binary(max_size=16))
+    _decode_only_wire_errors(buf[:cut] + tail)
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+def check(h: Hello, **kw: object) -> None:
+    expected: dict[str, object] = dict(
+        model_fingerprint="tiny@1", compat=wire.compat_hash("tiny@1", 576, 64, "bfloat16"),
+        corpus_name="code", corpus_version="v1", secret=SECRET,
+    )
+    expected.update(kw)
+    wire.check_hello(h, **expected)  # type: ignore[arg-type]
+
+
+def test_matching_handshake_passes_both_ways() -> None:
+    h = wire.decode_hello(encode(hello()))
+    check(h)
+    reply = decode(encode(wire.accept_hello(h, instance_id="own-1", secret=SECRET)))
+    assert isinstance(reply, HelloReply)
+    wire.check_hello_reply(reply, h, secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(model_fingerprint="other@2"), "model fingerprint"),
+        (dict(compat=wire.compat_hash("tiny@1", 576, 64, "float32")), "compat hash"),
+        (dict(corpus_name="docs"), "corpus 'code'"),
+        (dict(corpus_version="v2"), "corpus version"),
+        (dict(secret=b"wrong"), "auth"),
+    ],
+)
+def test_handshake_mismatch_names_the_field(kw: dict[str, object], match: str) -> None:
+    with pytest.raises(HandshakeMismatch, match=match):
+        check(hello(), **kw)
+
+
+def test_wire_version_checked_first() -> None:
+    h = msgspec.structs.replace(hello(), wire_version=wire.WIRE_VERSION + 1, model_fingerprint="x")
+    with pytest.raises(HandshakeMismatch, match="wire version"):
+        check(h)
+
+
+def test_hello_reply_checks() -> None:
+    h = hello()
+    with pytest.raises(HandshakeMismatch, match="refused the handshake: corpus version differs"):
+        wire.check_hello_reply(HelloReply(wire.WIRE_VERSION, False, "corpus version differs"), h, secret=SECRET)
+    forged = wire.accept_hello(h, instance_id="own-1", secret=b"guess")
+    with pytest.raises(HandshakeMismatch, match="auth"):
+        wire.check_hello_reply(forged, h, secret=SECRET)
+    # A reply to another hello (other nonce) does not authenticate this one.
+    other = wire.accept_hello(hello(), instance_id="own-1", secret=SECRET)
+    with pytest.raises(HandshakeMismatch, match="auth"):
+        wire.check_hello_reply(other, h, secret=SECRET)
+
+
+def test_auth_and_compat_hash() -> None:
+    nonce = bytes(16)
+    tag = wire.make_auth(SECRET, nonce)
+    assert len(tag) == 32 and wire.check_auth(SECRET, nonce, tag)
+    assert not wire.check_auth(SECRET, b"\x01" * 16, tag) and not wire.check_auth(b"x", nonce, tag)
+    with pytest.raises(ConfigError, match="secret"):
+        wire.make_auth(b"", nonce)
+    base = wire.compat_hash("m", 576, 64, "bfloat16")
+    assert base == wire.compat_hash("m", 576, 64, "bfloat16", "e")
+    variants = {
+        wire.compat_hash("m2", 576, 64, "bfloat16"), wire.compat_hash("m", 656, 64, "bfloat16"),
+        wire.compat_hash("m", 576, 32, "bfloat16"), wire.compat_hash("m", 576, 64, "float32"),
+        wire.compat_hash("m", 576, 64, "bfloat16", "2"),
+    }
+    assert base not in variants and len(variants) == 5
+    with pytest.raises(ConfigError, match="lse_base"):
+        wire.compat_hash("m", 576, 64, "bfloat16", "10")
+    with pytest.raises(ConfigError, match="dtype"):
+        wire.compat_hash("m", 576, 64, "fp8")
+
+
+def test_messages_are_frozen_tagged_arrays() -> None:
+    for msg in all_messages():
+        assert type(msg).__struct_config__.frozen and type(msg).__struct_config__.array_like
+        assert msgspec.msgpack.decode(encode(msg))[0] == type(msg).__struct_config__.tag
+        with pytest.raises(AttributeError):
+            setattr(msg, type(msg).__struct_fields__[0], 1)
+
+
+def test_schema_evolution_appended_fields() -> None:
+    # A newer peer appends fields (with defaults): this version ignores them.
+    raw = msgspec.msgpack.decode(encode(FetchRequest(1, "c", 0, (1,), 5)))
+    assert decode(msgspec.msgpack.encode([*raw, "future", 3])) == FetchRequest(1, "c", 0, (1,), 5)
+    # An older peer omits trailing defaulted fields: they take their defaults.
+    request = route_request()
+    raw = msgspec.msgpack.decode(encode(request))
+    assert raw[-1] is None and decode(msgspec.msgpack.encode(raw[:-1])) == request
