@@ -1,0 +1,341 @@
+"""The requester side: plan each step with the predicate, then per layer dispatch, fall back, merge.
+
+``plan`` runs once per step on the host: it groups the selected corpus blocks by owner and picks
+local, fetch or route for each owner (``costmodel``). ``run`` runs once per layer: it posts the
+routes first, computes fetched and local parts while they are in flight, waits, and returns the
+exact merge of all corpus parts (the caller merges in the request's own part).
+
+Failures: each remote call has a deadline. A failed route tries the next replica, then a fetch from
+any replica; a failed fetch tries the next replica. When nothing answers, ``run`` raises
+``QRouteError`` naming the blocks: never a silently partial result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qroute import wire
+from qroute.attention import Part, empty_part, merge, partial_attention, rotate_query_rope
+from qroute.blockcache import BlockCache
+from qroute.corpus import CorpusDirectory
+from qroute.costmodel import Decision, FabricProfile, Workload, costs
+from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
+from qroute.geometry import MLAGeometry
+from qroute.owner import AttentionParams
+from qroute.shard import BlockRows, CorpusShard, byte_ranges, region_name, shard_layout
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "route", "fetch", "local")
+DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before trying it again
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    instance_id: str
+    mode: str = "auto"
+    timeout_s: float = 2.0
+    expected_reuse: float = 1.0  # R in the cost model
+    cache_bytes: int = 0  # bounded cache of fetched blocks; 0 disables it
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class OwnerPart:
+    """Blocks of one step that one owner group answers, and how."""
+
+    block_ids: tuple[int, ...]
+    decision: Decision
+    owners: tuple[str, ...]  # replicas in preference order; empty for local blocks
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    corpus: str
+    num_rows: int
+    parts: tuple[OwnerPart, ...]
+
+
+@dataclass
+class RouterStats:
+    route: int = 0
+    fetch: int = 0
+    local: int = 0
+    fallbacks: int = 0
+    bytes_moved: int = 0
+    route_us: float = 0.0
+    fetch_us: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "route": self.route,
+            "fetch": self.fetch,
+            "local": self.local,
+            "fallbacks": self.fallbacks,
+            "bytes_moved": self.bytes_moved,
+        }
+
+
+class Peer:
+    """A connection to one owner and that owner's shard layout (for one-sided reads)."""
+
+    __slots__ = ("instance_id", "connection", "block_rows", "failed_at")
+
+    def __init__(self, instance_id: str, connection, block_rows: BlockRows):
+        self.instance_id = instance_id
+        self.connection = connection
+        self.block_rows = block_rows
+        self.failed_at = -float("inf")
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self.failed_at > DEAD_PEER_BACKOFF_S
+
+    def __repr__(self) -> str:
+        return f"Peer({self.instance_id!r}, alive={self.alive})"
+
+
+class Router:
+    """Attends query rows to a corpus sharded over owners, exactly."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        directory: CorpusDirectory,
+        geometry: MLAGeometry,
+        fabric: FabricProfile,
+        params: AttentionParams,
+        connections: dict[str, object],
+        *,
+        local_shard: CorpusShard | None = None,
+        row_dtype: torch.dtype = torch.float32,
+    ):
+        self.config = config
+        self.directory = directory
+        self.geometry = geometry
+        self.fabric = fabric
+        self.params = params
+        self.local_shard = local_shard
+        self.row_dtype = row_dtype
+        self.width = geometry.latent_width
+        self.row_bytes = self.width * torch.empty(0, dtype=row_dtype).element_size()
+        self.peers = {
+            name: Peer(name, conn, shard_layout(directory, name))
+            for name, conn in connections.items()
+            if name != config.instance_id
+        }
+        self.cache = BlockCache(config.cache_bytes) if config.cache_bytes else None
+        self.stats = RouterStats()
+        self._request_ids = itertools.count(1)
+
+    def add_peer(self, instance_id: str, connection) -> None:
+        """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable."""
+        if instance_id == self.config.instance_id:
+            raise ConfigError(f"instance {instance_id!r} is this router's own instance, not a peer")
+        self.peers[instance_id] = Peer(instance_id, connection, shard_layout(self.directory, instance_id))
+
+    # -- plan: once per step --------------------------------------------------------------------------
+
+    def plan(
+        self,
+        num_rows: int,
+        *,
+        block_ids: Sequence[int] | None = None,
+        before_token: int | None = None,
+        mode: str | None = None,
+    ) -> StepPlan:
+        """Group the selected blocks (default: every block, i.e. dense; ``before_token`` keeps only
+        blocks that end at or before that corpus position) by owner and decide each group."""
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise ConfigError(f"mode {mode!r} is not one of {MODES}")
+        d = self.directory
+        if block_ids is None:
+            last = d.num_blocks if before_token is None else before_token // d.block_size
+            block_ids = range(last)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        local: list[int] = []
+        for block_id in block_ids:
+            owners = d.chunk_for_block(block_id).owners
+            if self.local_shard is not None and block_id in self.local_shard.block_rows:
+                local.append(block_id)
+            else:
+                groups.setdefault(owners, []).append(block_id)
+        parts = [OwnerPart(tuple(local), Decision.LOCAL, ())] if local else []
+        for owners, blocks in groups.items():
+            parts.append(OwnerPart(tuple(blocks), self._decide(mode, num_rows, owners, blocks), owners))
+        return StepPlan(corpus=d.name, num_rows=num_rows, parts=tuple(parts))
+
+    def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: list[int]) -> Decision:
+        if mode == "route":
+            return Decision.ROUTE
+        if mode == "fetch":
+            return Decision.FETCH
+        if mode == "local":
+            raise ConfigError(
+                f"mode 'local' needs every corpus block resident, but blocks {blocks[:4]}... live on {owners}; "
+                "use mode 'auto', 'route' or 'fetch'"
+            )
+        num_tokens = sum(min(self.directory.block_size, self.directory.num_tokens - b * self.directory.block_size)
+                         for b in blocks)  # fmt: skip
+        workload = Workload(
+            batch=max(1, num_rows),
+            heads=self.geometry.num_heads,
+            tokens=num_tokens,
+            reuse=self.config.expected_reuse,
+            block_size=self.directory.block_size,
+        )
+        return costs(self.geometry, self.fabric, workload).decision
+
+    # -- run: once per layer ---------------------------------------------------------------------------
+
+    def run(
+        self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, plan: StepPlan, *, position_shift: int = 0
+    ) -> Part:
+        """Attention of ``q_nope [T, H, kv_lora_rank]`` / ``q_pe [T, H, rope_dim]`` (roped at the
+        request's own positions, numbered from 0) over the planned corpus blocks.
+
+        ``position_shift`` is the number of corpus tokens in front of the request's own tokens: the
+        rope half is rotated by it once here. Returns ``(out [T, H, R], lse [T, H])`` float32,
+        natural log; ``(0, -inf)`` when the plan selects nothing.
+        """
+        p = self.params
+        if position_shift:
+            q_pe = rotate_query_rope(q_pe, position_shift, p.inv_freq, p.interleaved)
+        pending = [(part, self._post_route(layer, q_nope, q_pe, part, part.owners[0]))
+                   for part in plan.parts if part.decision is Decision.ROUTE]  # fmt: skip
+        results: list[Part] = [empty_part(q_nope.shape[0], q_nope.shape[1], p.kv_lora_rank)]
+        for part in plan.parts:
+            if part.decision is Decision.LOCAL:
+                results.append(self._local(layer, q_nope, q_pe, part))
+                self.stats.local += 1
+            elif part.decision is Decision.FETCH:
+                results.append(self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners))
+        for part, call in pending:
+            results.append(self._wait_route(layer, q_nope, q_pe, part, call))
+        return merge(results)
+
+    def _local(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart) -> Part:
+        shard = self.local_shard
+        slots = shard.slots(part.block_ids)
+        return partial_attention(q_nope, q_pe, shard.layers[layer], slots, self.params.scale, self.params.kv_lora_rank)
+
+    def _attend_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor) -> Part:
+        slots = torch.arange(rows.shape[0])
+        return partial_attention(q_nope, q_pe, rows, slots, self.params.scale, self.params.kv_lora_rank)
+
+    # route
+
+    def _post_route(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart, owner: str):
+        """Post a route request; returns (owner, pending call, payload size, start) or the exception."""
+        peer = self.peers.get(owner)
+        if peer is None or not peer.alive:
+            return owner, ConnectionError(f"owner {owner!r} is not connected or recently failed"), 0, 0.0
+        request = wire.RouteRequest(
+            request_id=next(self._request_ids),
+            corpus=self.directory.name,
+            layer=layer,
+            q_nope=wire.to_wire(q_nope),
+            q_pe=wire.to_wire(q_pe),
+            position_shift=0,
+            block_ids=part.block_ids,
+            timeout_us=int(self.config.timeout_s * 1e6),
+        )
+        payload = wire.encode(request)
+        try:
+            return owner, peer.connection.post(payload), len(payload), time.perf_counter()
+        except TransportError as exc:
+            return owner, exc, 0, 0.0
+
+    def _wait_route(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart, call) -> Part:
+        tried = []
+        for owner in part.owners:
+            if owner != call[0]:
+                call = self._post_route(layer, q_nope, q_pe, part, owner)
+            try:
+                result = self._route_result(call)
+                self.stats.route += 1
+                return result
+            except (TransportError, RemoteError, ConnectionError, wire.WireError) as exc:
+                self._failed(owner, exc)
+                tried.append(f"route to {owner!r}: {exc}")
+                self.stats.fallbacks += 1
+        return self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners, tried)
+
+    def _route_result(self, call) -> Part:
+        owner, pending, sent, start = call
+        if isinstance(pending, Exception):
+            raise pending
+        reply = wire.decode(pending.wait(self.config.timeout_s))
+        if isinstance(reply, wire.ErrorReply):
+            raise reply.as_exception()
+        if not isinstance(reply, wire.RouteReply):
+            raise wire.WireError(f"owner {owner!r} answered a route with {type(reply).__name__}")
+        self.stats.route_us += (time.perf_counter() - start) * 1e6
+        self.stats.bytes_moved += sent + len(reply.out.data) + len(reply.lse.data)
+        return wire.as_torch(reply.out).float(), wire.as_torch(reply.lse)
+
+    # fetch
+
+    def _fetch_with_fallback(self, layer, q_nope, q_pe, part: OwnerPart, owners, tried=None) -> Part:
+        tried = list(tried or [])
+        if self.cache is not None:
+            rows = self.cache.get(self.directory.name, layer, part.block_ids)
+            if rows is not None:
+                self.stats.local += 1
+                return self._attend_rows(q_nope, q_pe, rows)
+        for owner in owners:
+            try:
+                rows = self._fetch_rows(layer, part.block_ids, owner)
+            except (TransportError, ConnectionError, ConfigError) as exc:
+                self._failed(owner, exc)
+                tried.append(f"fetch from {owner!r}: {exc}")
+                self.stats.fallbacks += 1
+                continue
+            self.stats.fetch += 1
+            if self.cache is not None:
+                self._cache_blocks(layer, part.block_ids, rows)
+            return self._attend_rows(q_nope, q_pe, rows)
+        raise QRouteError(
+            f"corpus {self.directory.name!r} layer {layer}: blocks {part.block_ids[:8]} are unavailable; "
+            + "; ".join(tried)
+        )
+
+    def _fetch_rows(self, layer: int, block_ids: tuple[int, ...], owner: str) -> torch.Tensor:
+        peer = self.peers.get(owner)
+        if peer is None or not peer.alive:
+            raise ConnectionError(f"owner {owner!r} is not connected or recently failed")
+        ranges = byte_ranges(peer.block_rows, block_ids, self.row_bytes)
+        total = sum(length for _, length in ranges)
+        out = np.empty(total, dtype=np.uint8)
+        start = time.perf_counter()
+        peer.connection.read(region_name(self.directory.name, layer), ranges, out, self.config.timeout_s)
+        self.stats.fetch_us += (time.perf_counter() - start) * 1e6
+        self.stats.bytes_moved += total
+        return torch.from_numpy(out).view(self.row_dtype).view(-1, self.width)
+
+    def _cache_blocks(self, layer: int, block_ids: tuple[int, ...], rows: torch.Tensor) -> None:
+        sizes = [min(self.directory.block_size, self.directory.num_tokens - b * self.directory.block_size)
+                 for b in block_ids]  # fmt: skip
+        self.cache.put(self.directory.name, layer, block_ids, list(rows.split(sizes)))
+
+    def _failed(self, owner: str, exc: Exception) -> None:
+        logger.warning("qroute: owner %r failed: %s", owner, exc)
+        self.stats.errors.append(f"{owner}: {exc}")
+        peer = self.peers.get(owner)
+        # A refusal (bad request, unknown corpus) is not a dead peer; a transport failure is.
+        if peer is not None and not isinstance(exc, RemoteError):
+            peer.failed_at = time.monotonic()

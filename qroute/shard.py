@@ -1,0 +1,163 @@
+"""An owner's resident share of a corpus: its latent rows per layer and where each block sits.
+
+The layout is a pure function of the corpus directory and the instance id (the instance's chunks in
+chunk order, their blocks in order), so a requester computes the byte ranges of a one-sided READ
+itself, without asking the owner.
+
+Tensors: each layer's rows are ``[num_rows, kv_lora_rank + rope_dim]``, contiguous, on the host;
+``k_pe`` is roped at the token's global corpus position. These tensors are the only memory an owner
+registers with a transport (``regions()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qroute.attention import merge, partial_attention
+from qroute.corpus import CorpusDirectory
+from qroute.errors import ConfigError, CorpusError
+from qroute.refmodel import RefMLAModel
+
+BlockRows = dict[int, tuple[int, int]]  # block id -> (first row in the shard, number of tokens)
+
+
+def block_range(directory: CorpusDirectory, block_id: int) -> tuple[int, int]:
+    """Global token range ``[start, end)`` of a corpus block (the last one may be partial)."""
+    start = block_id * directory.block_size
+    return start, min(start + directory.block_size, directory.num_tokens)
+
+
+def shard_layout(directory: CorpusDirectory, instance: str) -> BlockRows:
+    """Where each block ``instance`` holds sits in its shard."""
+    rows: BlockRows = {}
+    next_row = 0
+    for chunk in directory.chunks_of(instance):
+        first = chunk.start // directory.block_size
+        last = -(-chunk.end // directory.block_size)
+        for block_id in range(first, last):
+            start, end = block_range(directory, block_id)
+            rows[block_id] = (next_row, end - start)
+            next_row += end - start
+    return rows
+
+
+def region_name(corpus: str, layer: int) -> str:
+    """Name of the transport region holding one corpus layer's rows on an owner."""
+    return f"{corpus}/layer{layer}"
+
+
+def byte_ranges(block_rows: BlockRows, block_ids: Sequence[int], row_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) byte ranges of ``block_ids``' rows in one layer's region, adjacent ones merged."""
+    ranges: list[tuple[int, int]] = []
+    for block_id in block_ids:
+        try:
+            row, count = block_rows[block_id]
+        except KeyError:
+            raise CorpusError(f"block {block_id} is not held by this owner") from None
+        offset, length = row * row_bytes, count * row_bytes
+        if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+        else:
+            ranges.append((offset, length))
+    return ranges
+
+
+@dataclass
+class CorpusShard:
+    """The blocks of one corpus that one instance holds, for every layer."""
+
+    directory: CorpusDirectory
+    instance: str
+    layers: list[torch.Tensor]  # per layer [num_rows, width], contiguous
+    block_rows: BlockRows
+
+    def __post_init__(self) -> None:
+        num_rows = sum(count for _, count in self.block_rows.values())
+        for layer, rows in enumerate(self.layers):
+            if rows.dim() != 2 or rows.shape[0] != num_rows or not rows.is_contiguous():
+                raise ConfigError(
+                    f"shard layer {layer}: rows {tuple(rows.shape)} must be contiguous [{num_rows}, width]"
+                )
+
+    @property
+    def width(self) -> int:
+        return self.layers[0].shape[1]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * self.layers[0].element_size()
+
+    def holds(self, block_ids: Sequence[int]) -> bool:
+        return all(b in self.block_rows for b in block_ids)
+
+    def slots(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Rows of ``block_ids`` in order, int64 ``[num_tokens]``."""
+        parts = []
+        for block_id in block_ids:
+            if block_id not in self.block_rows:
+                raise CorpusError(
+                    f"corpus {self.directory.name!r}: block {block_id} is not held by instance {self.instance!r}"
+                )
+            row, count = self.block_rows[block_id]
+            parts.append(torch.arange(row, row + count))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def regions(self) -> dict[str, torch.Tensor]:
+        return {region_name(self.directory.name, layer): rows for layer, rows in enumerate(self.layers)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.numel() * rows.element_size() for rows in self.layers)
+
+
+def corpus_positions(directory: CorpusDirectory, block_ids: Sequence[int]) -> torch.Tensor:
+    """Global positions of the tokens of ``block_ids``, in order, int64."""
+    parts = [torch.arange(*block_range(directory, b)) for b in block_ids]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+@torch.no_grad()
+def prefill_corpus(model: RefMLAModel, token_ids: torch.Tensor, directory: CorpusDirectory) -> list[torch.Tensor]:
+    """Every layer's latent rows ``[num_tokens, width]`` of the whole corpus, exact mode.
+
+    Chunk by chunk, each at its global positions, attending causally to itself and to all earlier
+    chunks: the same result as one forward over the whole corpus, in memory bounded by a chunk.
+    """
+    if token_ids.shape != (directory.num_tokens,):
+        raise CorpusError(
+            f"corpus {directory.name!r}: {tuple(token_ids.shape)} token ids for a directory of {directory.num_tokens}"
+        )
+    layers: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
+    for chunk in directory.chunks:
+        earlier = [torch.cat(rows) if rows else None for rows in layers]
+
+        def attend(layer, q_nope, q_pe, own, q_positions, earlier=earlier, start=chunk.start):
+            part = model.self_attention(layer, q_nope, q_pe, own, q_positions)
+            if earlier[layer] is None:
+                return part
+            slots = torch.arange(start)
+            return merge(
+                [part, partial_attention(q_nope, q_pe, earlier[layer], slots, model.scale, model.kv_lora_rank)]
+            )
+
+        positions = torch.arange(chunk.start, chunk.end)
+        _, rows = model.forward_collect(token_ids[chunk.start : chunk.end], positions, attend)
+        for layer, r in enumerate(rows):
+            layers[layer].append(r)
+    return [torch.cat(rows).contiguous() for rows in layers]
+
+
+def build_shard(all_rows: list[torch.Tensor], directory: CorpusDirectory, instance: str) -> CorpusShard:
+    """Cut an instance's share out of the whole corpus's rows (``prefill_corpus``)."""
+    if instance not in directory.instances:
+        raise ConfigError(
+            f"instance {instance!r} is not in corpus {directory.name!r}'s directory {directory.instances}"
+        )
+    block_rows = shard_layout(directory, instance)
+    order = sorted(block_rows, key=lambda b: block_rows[b][0])
+    positions = corpus_positions(directory, order)
+    layers = [rows.index_select(0, positions).contiguous() for rows in all_rows]
+    return CorpusShard(directory=directory, instance=instance, layers=layers, block_rows=block_rows)

@@ -1,0 +1,206 @@
+"""Owner service and router over the in-process loopback transport (real code, not a mock).
+
+The same exactness checks run between real processes over TCP and NIXL in tests/transport.
+"""
+
+import msgspec
+import pytest
+import torch
+
+from qroute import wire
+from qroute.attention import merge, partial_attention
+from qroute.costmodel import Decision, load_fabric
+from qroute.errors import HandshakeMismatch, QRouteError, RemoteError
+from qroute.peering import connect_owner, connect_owners, serve_owner
+from qroute.prepared import prepare_corpus
+from qroute.router import Router, RouterConfig
+from qroute.shard import corpus_positions
+from qroute.transport.loopback import LoopbackTransport
+
+SECRET = b"test-secret"
+INSTANCES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir, sample_corpus):
+    return prepare_corpus(tiny_model_dir, sample_corpus, instances=INSTANCES, replicas=2, blocks_per_chunk=2)
+
+
+@pytest.fixture
+def cluster(prepared):
+    """Owners b and c serving on loopback; the requester is a (which holds a share itself)."""
+    transport = LoopbackTransport()
+    servers = {name: serve_owner(transport, prepared.owner_service(name, SECRET)) for name in ("b", "c")}
+    addresses = {name: server.start() for name, server in servers.items()}
+    connections = connect_owners(
+        transport, addresses, instance_id="a", directory=prepared.directory,
+        model_fingerprint=prepared.fingerprint, compat=prepared.compat, secret=SECRET,
+    )  # fmt: skip
+    yield transport, servers, addresses, connections
+    for connection in connections.values():
+        connection.close()
+    for server in servers.values():
+        server.stop()
+
+
+def make_router(prepared, connections, *, mode="auto", local=True, **config):
+    return Router(
+        RouterConfig(instance_id="a", mode=mode, timeout_s=2.0, **config),
+        prepared.directory,
+        prepared.geometry,
+        load_fabric("loopback-tcp"),
+        prepared.params,
+        connections,
+        local_shard=prepared.shard("a") if local else None,
+    )
+
+
+def random_queries(prepared, num_rows=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, r, p = prepared.geometry.num_heads, prepared.geometry.kv_lora_rank, prepared.geometry.qk_rope_head_dim
+    return torch.randn(num_rows, h, r, generator=g), torch.randn(num_rows, h, p, generator=g)
+
+
+def dense_reference(prepared, layer, q_nope, q_pe):
+    rows = prepared.all_rows[layer]
+    return partial_attention(q_nope, q_pe, rows, torch.arange(rows.shape[0]), prepared.params.scale, 512)
+
+
+@pytest.mark.parametrize("mode", ["route", "fetch", "auto"])
+@pytest.mark.parametrize("local", [True, False])
+def test_router_reproduces_dense_attention(prepared, cluster, mode, local):
+    router = make_router(prepared, cluster[3], mode=mode, local=local)
+    q_nope, q_pe = random_queries(prepared)
+    plan = router.plan(q_nope.shape[0])
+    covered = sorted(b for part in plan.parts for b in part.block_ids)
+    assert covered == list(range(prepared.directory.num_blocks))
+    for layer in range(prepared.model.num_layers):
+        out, lse = router.run(layer, q_nope, q_pe, plan)
+        ref_out, ref_lse = dense_reference(prepared, layer, q_nope, q_pe)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    if mode in ("route", "fetch"):
+        assert getattr(router.stats, mode) > 0 and router.stats.bytes_moved > 0
+        other = "fetch" if mode == "route" else "route"
+        assert getattr(router.stats, other) == 0
+    assert (router.stats.local > 0) == local
+
+
+def test_position_shift_rotates_the_query(prepared, cluster):
+    """Queries roped at own positions 0.. plus position_shift=N equal queries roped at N.."""
+    from qroute.rope import apply_rope
+
+    router = make_router(prepared, cluster[3], mode="route")
+    q_nope, q_raw = random_queries(prepared, num_rows=2, seed=3)
+    inv_freq, inter = prepared.params.inv_freq, prepared.params.interleaved
+    n = prepared.directory.num_tokens
+    local_pos = torch.arange(2)
+    shifted = router.run(0, q_nope, apply_rope(q_raw, local_pos, inv_freq, inter), router.plan(2), position_shift=n)
+    at_global = dense_reference(prepared, 0, q_nope, apply_rope(q_raw, local_pos + n, inv_freq, inter))
+    torch.testing.assert_close(shifted[0], at_global[0], atol=1e-5, rtol=0)
+
+
+def test_full_model_with_sharded_corpus_matches_single_instance(prepared, cluster):
+    """Corpus + question through the reference model, single instance vs corpus on 3 owners."""
+    model, n = prepared.model, prepared.directory.num_tokens
+    question = torch.tensor([7, 300, 45, 1200, 99, 18], dtype=torch.int64)
+    reference = model.forward(torch.cat([prepared.token_ids, question]), torch.arange(n + len(question)))[n:]
+    router = make_router(prepared, cluster[3], mode="auto")
+    plan = router.plan(len(question))
+
+    def attend(layer, q_nope, q_pe, own, q_positions):
+        own_part = model.self_attention(layer, q_nope, q_pe, own, q_positions)
+        return merge([own_part, router.run(layer, q_nope, q_pe, plan, position_shift=n)])
+
+    logits = model.forward(question, torch.arange(len(question)), attend)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-5)
+    assert logits.argmax(-1).tolist() == reference.argmax(-1).tolist()
+
+
+def test_auto_follows_the_predicate(prepared, cluster):
+    router = make_router(prepared, cluster[3], mode="auto", local=False)
+    plan = router.plan(1)
+    assert {p.decision for p in plan.parts} <= {Decision.ROUTE, Decision.FETCH}
+    # A one-token fetch is cheaper than any route on every fabric profile.
+    tiny = router.plan(1, block_ids=[prepared.directory.num_blocks - 1])
+    assert [p.decision for p in tiny.parts] == [Decision.FETCH] or prepared.directory.num_tokens % 16 == 0
+
+
+def test_route_falls_back_to_replica_then_fetch(prepared, cluster):
+    _, servers, _, connections = cluster
+    router = make_router(prepared, connections, mode="route", local=False)
+    q_nope, q_pe = random_queries(prepared)
+    plan = router.plan(3)
+    servers["b"].stop()  # b is gone: its blocks are replicated on a (not connected) or c
+    reachable = [p for p in plan.parts if "c" in p.owners]
+    assert reachable
+    lost = [p for p in plan.parts if "c" not in p.owners]
+    if lost:  # blocks on a and b only: a is not connected and b is dead, so nothing can answer
+        with pytest.raises(QRouteError, match="unavailable"):
+            router.run(0, q_nope, q_pe, plan)
+        plan = router.plan(3, block_ids=[b for p in reachable for b in p.block_ids])
+    out, lse = router.run(0, q_nope, q_pe, plan)
+    blocks = [b for p in plan.parts for b in p.block_ids]
+    slots = corpus_positions(prepared.directory, blocks)
+    ref = partial_attention(q_nope, q_pe, prepared.all_rows[0], slots, prepared.params.scale, 512)
+    torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
+    assert router.stats.fallbacks > 0
+
+
+def test_fetch_cache_turns_repeats_local(prepared, cluster):
+    router = make_router(prepared, cluster[3], mode="fetch", local=False, cache_bytes=1 << 24)
+    q_nope, q_pe = random_queries(prepared)
+    plan = router.plan(3)
+    first = router.run(0, q_nope, q_pe, plan)
+    moved, fetches = router.stats.bytes_moved, router.stats.fetch
+    second = router.run(0, q_nope, q_pe, plan)
+    assert router.stats.bytes_moved == moved and router.stats.fetch == fetches
+    assert router.cache.stats.hits == len(plan.parts)
+    torch.testing.assert_close(first, second)
+
+
+def test_owner_refuses_bad_requests_and_keeps_serving(prepared, cluster):
+    transport, servers, addresses, connections = cluster
+    conn = connections["b"]
+    q_nope, q_pe = random_queries(prepared, num_rows=1)
+    shard_b = prepared.shard("b")
+    held = sorted(shard_b.block_rows)[:2]
+    not_held = next(b for b in range(prepared.directory.num_blocks) if b not in shard_b.block_rows)
+
+    def route(corpus="corpus", block_ids=tuple(held), layer=0):
+        req = wire.RouteRequest(1, corpus, layer, wire.to_wire(q_nope), wire.to_wire(q_pe), 0, block_ids, 10**6)
+        return wire.decode(conn.call(wire.encode(req), 2.0))
+
+    cases = [
+        (route(corpus="other"), wire.ErrorCode.UNKNOWN_CORPUS),
+        (route(block_ids=(not_held,)), wire.ErrorCode.BAD_REQUEST),
+        (route(layer=99), wire.ErrorCode.BAD_REQUEST),
+        (wire.decode(conn.call(b"\x93garbage", 2.0)), wire.ErrorCode.BAD_REQUEST),
+        (wire.decode(conn.call(wire.encode(wire.ErrorReply(5, wire.ErrorCode.INTERNAL)), 2.0)),
+         wire.ErrorCode.BAD_REQUEST),
+    ]  # fmt: skip
+    for reply, code in cases:
+        assert isinstance(reply, wire.ErrorReply) and reply.code == code, reply
+    assert isinstance(reply.as_exception(), RemoteError)
+    good = route()
+    assert isinstance(good, wire.RouteReply)
+    ref = partial_attention(q_nope, q_pe, shard_b.layers[0], shard_b.slots(held), prepared.params.scale, 512)
+    torch.testing.assert_close(wire.as_torch(good.out), ref[0], atol=0, rtol=0)
+    fetched = wire.decode(conn.call(wire.encode(wire.FetchRequest(2, "corpus", 1, tuple(held), 10**6)), 2.0))
+    assert torch.equal(wire.as_torch(fetched.rows), shard_b.layers[1][shard_b.slots(held)])
+
+
+def test_handshake_refuses_mismatches(prepared, cluster):
+    transport, _, addresses, _ = cluster
+    common = dict(instance_id="a", directory=prepared.directory, model_fingerprint=prepared.fingerprint,
+                  compat=prepared.compat, secret=SECRET)  # fmt: skip
+    with pytest.raises(HandshakeMismatch, match="model"):
+        connect_owner(transport, addresses["b"], **{**common, "model_fingerprint": "0" * 32})
+    with pytest.raises(HandshakeMismatch, match="compat"):
+        connect_owner(transport, addresses["b"], **{**common, "compat": "0" * 32})
+    changed = msgspec.structs.replace(prepared.directory, version="f" * 32)
+    with pytest.raises(HandshakeMismatch, match="version"):
+        connect_owner(transport, addresses["b"], **{**common, "directory": changed})
+    with pytest.raises(HandshakeMismatch):
+        connect_owner(transport, addresses["b"], **{**common, "secret": b"wrong"})
+    assert connect_owner(transport, addresses["b"], **common) is not None  # still serving
