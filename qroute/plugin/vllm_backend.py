@@ -1,0 +1,176 @@
+"""qroute's MLA attention backend for vLLM's CPU platform, installed in the ``CPU_MLA`` slot.
+
+The plugin (``qroute.plugin.vllm.register``) points ``AttentionBackendEnum.CPU_MLA`` here in every process
+of every instance where qroute is installed, so this class must keep an instance that does not configure
+qroute exactly stock: ``get_impl_cls()`` / ``get_builder_cls()`` then return vLLM's own ``CPUMLAImpl`` and
+metadata builder; ``get_name()`` stays ``"CPU_MLA"``. Only an instance whose ``--kv-transfer-config`` names
+``QRouteConnector`` gets the qroute classes, after ``ensure_active()`` has checked that qroute can run.
+
+Where qroute is configured, **every** query row (prefill and decode) is absorbed and goes to
+``forward_mqa`` (builder: ``query_len_support = VARLEN``, ``reorder_batch_threshold = 1 << 30``,
+docs/vllm-internals.md (a)), which per request merges exactly (``qroute.attention.merge``):
+
+- the own part: causal absorbed attention over the request's own tokens in the paged cache (row ``j`` of
+  a request with ``qlen`` rows and ``seq_len`` tokens sees own positions ``<= seq_len - qlen + j``);
+- the corpus part from the connector's worker side (``attend_corpus``: local / fetch / route per owner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.model_executor.layers.attention.mla_attention import (
+    MLACommonDecodeMetadata,
+    MLACommonMetadata,
+    MLACommonMetadataBuilder,
+    QueryLenSupport,
+)
+from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
+
+from qroute.attention import Part, merge, partial_attention
+from qroute.errors import ConfigError
+from qroute.plugin.vllm import ensure_active, qroute_configured
+
+__all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "QRouteMLAMetadataBuilder"]
+
+
+@dataclass
+class QRouteDecodeMetadata(MLACommonDecodeMetadata):
+    """Stock decode metadata plus what multi-row requests need: ``query_start_loc [num_reqs + 1]`` (host)."""
+
+    query_start_loc: torch.Tensor | None = None
+    max_query_len: int = 1
+
+
+class QRouteMLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
+    """Sends every row, prefill included, down the absorbed (``forward_mqa``) path."""
+
+    query_len_support = QueryLenSupport.VARLEN
+    reorder_batch_threshold = 1 << 30
+
+    def _build_decode(
+        self,
+        block_table_tensor: torch.Tensor,
+        seq_lens_device: torch.Tensor,
+        max_seq_len: int,
+        query_start_loc_cpu: torch.Tensor,
+        query_start_loc_device: torch.Tensor,
+        num_decode_tokens: int,
+        max_query_len: int,
+        dcp_tot_seq_lens_device: torch.Tensor | None,
+    ) -> QRouteDecodeMetadata:
+        return QRouteDecodeMetadata(
+            block_table=block_table_tensor,
+            seq_lens=seq_lens_device,
+            dcp_tot_seq_lens=dcp_tot_seq_lens_device,
+            query_start_loc=query_start_loc_cpu,
+            max_query_len=max_query_len,
+        )
+
+
+def own_part(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+) -> Part:
+    """Causal attention of one request's ``n`` rows over its own ``seq_len`` tokens in the paged cache.
+
+    ``kv_cache [num_blocks, block_size, R + P]``; ``block_table [max_blocks]`` (the request's row). The rows
+    are the last ``n`` tokens: row ``j`` sits at own position ``seq_len - n + j``.
+    """
+    block_size = kv_cache.shape[1]
+    positions = torch.arange(seq_len)
+    slots = block_table.to("cpu", torch.int64)[positions // block_size] * block_size + positions % block_size
+    n = q_nope.shape[0]
+    return partial_attention(
+        q_nope, q_pe, kv_cache, slots.to(kv_cache.device), scale, q_nope.shape[-1],
+        q_positions=torch.arange(seq_len - n, seq_len), kv_positions=positions,
+    )  # fmt: skip
+
+
+def _corpus_attention():
+    """The connector's worker side, or None (no connector yet, e.g. during vLLM's profiling run)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    from qroute.connectors.vllm import QRouteConnector
+
+    if not has_kv_transfer_group():
+        return None
+    connector = get_kv_transfer_group()
+    if not isinstance(connector, QRouteConnector):
+        raise ConfigError(f"qroute's attention backend needs the QRouteConnector, got {type(connector).__name__}")
+    return connector.corpus_attention
+
+
+class QRouteCPUMLAImpl(CPUMLAImpl):
+    """``forward_mqa`` for every row: own part + corpus part, merged; returns a natural-log LSE."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._layer_index: dict[str, int] = {}
+
+    def _layer(self, layer: object) -> int:
+        name = layer.layer_name
+        if name not in self._layer_index:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_index[name] = extract_layer_index(name)
+        return self._layer_index[name]
+
+    def forward_mqa(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        kv_c_and_k_pe_cache: torch.Tensor,
+        attn_metadata: MLACommonMetadata,
+        layer: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_nope, q_pe = q if isinstance(q, tuple) else q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        decode = attn_metadata.decode
+        if not isinstance(decode, QRouteDecodeMetadata):
+            raise ConfigError("qroute's attention impl got stock MLA metadata: the QRouteMLAMetadataBuilder is "
+                              "not in use (was get_builder_cls() called outside the instance's vLLM config?)")
+        num_tokens, num_heads, _ = q_nope.shape
+        out = torch.empty(num_tokens, num_heads, self.kv_lora_rank, dtype=q_nope.dtype, device=q_nope.device)
+        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q_nope.device)
+        corpus = _corpus_attention()
+        layer_idx = self._layer(layer) if corpus is not None else -1
+        starts = decode.query_start_loc.tolist()
+        seq_lens = decode.seq_lens.tolist()
+        for r, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+            if b <= a:
+                continue
+            part = own_part(q_nope[a:b], q_pe[a:b], kv_c_and_k_pe_cache, decode.block_table[r], seq_lens[r],
+                            self.scale)  # fmt: skip
+            extra = corpus.attend_corpus(layer_idx, a, q_nope[a:b], q_pe[a:b]) if corpus is not None else None
+            if extra is not None:
+                part = merge([part, extra])
+            out[a:b] = part[0].to(out.dtype)
+            lse[a:b] = part[1]
+        return out, lse
+
+
+class QRouteCPUMLABackend(CPUMLABackend):
+    """``CPUMLABackend`` that hands out qroute's impl and builder only where qroute is configured."""
+
+    @staticmethod
+    def get_impl_cls() -> type[CPUMLAImpl]:
+        # MLAAttention.__init__ calls this while the model is built, inside set_current_vllm_config();
+        # capability queries outside that context get the stock class, which has the same capabilities.
+        vllm_config = get_current_vllm_config_or_none()
+        if not qroute_configured(vllm_config):
+            return CPUMLAImpl
+        ensure_active(vllm_config)
+        return QRouteCPUMLAImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MLACommonMetadataBuilder]:
+        # Called by the model runner under the worker's set_current_vllm_config (initialize_from_config).
+        # If it ever is not, QRouteCPUMLAImpl refuses the stock metadata loudly rather than run wrong.
+        if qroute_configured(get_current_vllm_config_or_none()):
+            return QRouteMLAMetadataBuilder
+        return MLACommonMetadataBuilder
