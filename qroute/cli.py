@@ -38,7 +38,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     fabric = load_fabric(args.fabric)
     heads = args.heads or geometry.num_heads
     workload = Workload(
-        batch=args.batch, heads=heads, tokens=args.tokens, reuse=args.reuse, block_size=args.block_size,
+        batch=args.batch,
+        heads=heads,
+        tokens=args.tokens,
+        reuse=args.reuse,
+        block_size=args.block_size,
         resident=args.resident,
     )
     result = costs(geometry, fabric, workload)
@@ -54,17 +58,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         "route_terms_us": result.route,
         "fetch_terms_us": result.fetch,
         "fabric": fabric.name,
-        "workload": {"batch": args.batch, "heads": heads, "tokens": args.tokens, "reuse": args.reuse,
-                     "block_size": args.block_size, "resident": args.resident},
+        "workload": {
+            "batch": args.batch,
+            "heads": heads,
+            "tokens": args.tokens,
+            "reuse": args.reuse,
+            "block_size": args.block_size,
+            "resident": args.resident,
+        },
         "geometry": geometry.to_dict(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     g = geometry
-    print(f"model {g.model_type}: {g.num_layers} layers, {g.num_heads} heads, latent {g.latent_width} "
-          f"({g.latent_bytes_per_token} B/token/layer as {g.cache_dtype}), query row {g.query_row_bytes} B/head, "
-          f"return row {g.return_row_bytes} B/head")
+    print(
+        f"model {g.model_type}: {g.num_layers} layers, {g.num_heads} heads, latent {g.latent_width} "
+        f"({g.latent_bytes_per_token} B/token/layer as {g.cache_dtype}), query row {g.query_row_bytes} B/head, "
+        f"return row {g.return_row_bytes} B/head"
+    )
     print(f"fabric {fabric.name}: probe {fabric.probe_us} us, {fabric.bandwidth_gbps} GB/s")
     print(f"workload: B={args.batch} H={heads} n={args.tokens} reuse={args.reuse} block={args.block_size}")
     for label, terms in (("route", result.route), ("fetch", result.fetch)):
@@ -115,7 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands defined next to the code they drive (data plane, cluster, demo)."""
     registrars = []
-    for module_name in ("qroute.calibrate", "qroute.bench.transport", "qroute.demo"):
+    for module_name in (
+        "qroute.owner_process",
+        "qroute.calibrate",
+        "qroute.bench.transport",
+        "qroute.cluster_cli",
+        "qroute.check",
+        "qroute.demo",
+    ):
         try:
             module = __import__(module_name, fromlist=["add_cli"])
         except ModuleNotFoundError as exc:
