@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ class RouterStats:
     bytes_moved: int = 0
     route_us: float = 0.0
     fetch_us: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=64))  # the latest failures, for logs
 
     def as_dict(self) -> dict:
         return {
