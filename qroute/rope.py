@@ -10,6 +10,9 @@ the checkpoint's ``rope_theta`` + ``rope_scaling`` or transformers>=5's ``rope_p
   rope a token at its position (YaRN ``mscale / mscale_all_dim``; 1.0 for DeepSeek-V3 and without YaRN).
 - ``softmax_scale(config) -> float``: ``qk_head_dim ** -0.5`` times ``mscale(mscale_all_dim) ** 2``.
 - ``apply_rope(x, positions, inv_freq, interleaved)``: a pure rotation, ``|apply_rope(x)| == |x|``.
+- ``rerope_like_engine(x, from_pos, to_pos, inv_freq)``: move an engine-roped vector to another position
+  with cos/sin formed exactly like vLLM's float32 table (``engine_cos_sin``), for bitwise-close parity
+  with the engine roping at the target position (``apply_rope`` forms float64 angles instead).
 
 The YaRN scale must not be applied twice (DESIGN.md §3). Engines apply ``rope_attention_factor`` once,
 when a key or query is first roped at its position. Moving an already-roped vector by ``N`` positions
@@ -26,6 +29,9 @@ from qroute.errors import ConfigError
 
 __all__ = [
     "apply_rope",
+    "engine_cos_sin",
+    "rerope_like_engine",
+    "rerope_with_tables",
     "rope_attention_factor",
     "rope_inv_freq",
     "rope_is_interleaved",
@@ -193,3 +199,76 @@ def apply_rope(
         x1, x2 = xf[..., :half], xf[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+def engine_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows ``[T, rope_dim // 2]`` for ``positions`` exactly as vLLM forms its ``cos_sin_cache``.
+
+    vLLM (``rotary_embedding/base.py`` ``_compute_cos_sin_cache``) takes ``t * inv_freq`` in float32 (one
+    float32 product per entry, ``t`` an exact float32 integer), then ``cos``/``sin`` in float32, then casts
+    the table to the model dtype (``dtype`` here). Unlike ``apply_rope``'s float64 angles, this reproduces
+    the engine's rounding, so a query moved with it matches one the engine roped at the target position.
+    No magnitude factor (YaRN mscale) is applied: it is 1.0 for DeepSeek-V3 and must never apply twice.
+    """
+    if positions.dtype.is_floating_point or positions.dim() != 1:
+        raise ConfigError(f"engine_cos_sin: positions must be a 1-D int tensor, got {positions.dtype} "
+                          f"{tuple(positions.shape)}")
+    if positions.numel() and int(positions.max()) >= 1 << 24:
+        raise ConfigError(f"engine_cos_sin: position {int(positions.max())} is not exact in float32 (< 2**24)")
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def rerope_with_tables(
+    x: torch.Tensor,
+    from_cos_sin: tuple[torch.Tensor, torch.Tensor],
+    to_cos_sin: tuple[torch.Tensor, torch.Tensor],
+    interleaved: bool = True,
+) -> torch.Tensor:
+    """Undo the rotation ``from_cos_sin`` and apply ``to_cos_sin`` (rows from ``engine_cos_sin``).
+
+    x: ``[T, ..., rope_dim]`` (``[T, H, P]`` queries or ``[T, P]`` keys); tables ``[T, P // 2]`` each.
+    Computed in float32; returns x's shape and dtype. The plan/run split: build the tables once per
+    step, apply them per layer.
+    """
+    half = x.shape[-1] // 2
+    (cos_a, sin_a), (cos_b, sin_b) = from_cos_sin, to_cos_sin
+    if x.shape[-1] != 2 * half or cos_a.shape != (x.shape[0], half) or cos_b.shape != cos_a.shape:
+        raise ConfigError(f"rerope: x {tuple(x.shape)} needs tables [{x.shape[0]}, {half}], got "
+                          f"{tuple(cos_a.shape)} and {tuple(cos_b.shape)}")
+    view = (x.shape[0], *([1] * (x.dim() - 2)), half)
+    cos_a, sin_a, cos_b, sin_b = (t.float().reshape(view) for t in (cos_a, sin_a, cos_b, sin_b))
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf[..., :half], xf[..., half:]
+    # Inverse of the engine's (x1*cos - x2*sin, x2*cos + x1*sin), then the forward rotation.
+    r1, r2 = x1 * cos_a + x2 * sin_a, x2 * cos_a - x1 * sin_a
+    o1, o2 = r1 * cos_b - r2 * sin_b, r2 * cos_b + r1 * sin_b
+    if interleaved:
+        out = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        out = torch.cat((o1, o2), dim=-1)
+    return out.to(x.dtype)
+
+
+def rerope_like_engine(
+    x: torch.Tensor,
+    from_pos: torch.Tensor,
+    to_pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    interleaved: bool = True,
+    table_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Move ``x`` (roped by the engine at ``from_pos [T]``) to ``to_pos [T]`` with the engine's own table.
+
+    E.g. a request's absorbed ``q_pe`` roped at its local position ``i`` becomes the query vLLM would
+    have roped at ``N + i`` (corpus of ``N`` tokens in front), and a corpus chunk's ``k_pe`` stored at
+    local position ``i`` moves to ``chunk.start + i``. A pure rotation (see ``engine_cos_sin``).
+    """
+    return rerope_with_tables(
+        x, engine_cos_sin(from_pos, inv_freq, table_dtype), engine_cos_sin(to_pos, inv_freq, table_dtype), interleaved
+    )

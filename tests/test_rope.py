@@ -165,3 +165,35 @@ def test_errors_name_the_key():
         apply_rope(torch.zeros(2, 64), torch.zeros(3, dtype=torch.long), inv_freq, True)
     with pytest.raises(ConfigError, match="positions"):
         apply_rope(torch.zeros(2, 64), torch.zeros(2), inv_freq, True)
+
+
+# --- engine-style rerope (rerope_like_engine): composes like the engine's float32 table ----------------
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("shape", [(7, 4, 64), (7, 64)])
+def test_rerope_like_engine_moves_to_the_target_position(shape, interleaved):
+    from qroute.rope import engine_cos_sin, rerope_like_engine, rerope_with_tables
+
+    inv_freq = rope_inv_freq(DEFAULT_ROPE)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    local = torch.arange(3, 3 + shape[0])
+    shift = 1000
+    at_local = apply_rope(x, local, inv_freq, interleaved)
+    moved = rerope_like_engine(at_local, local, local + shift, inv_freq, interleaved)
+    torch.testing.assert_close(moved, apply_rope(x, local + shift, inv_freq, interleaved), atol=2e-4, rtol=0)
+    back = rerope_like_engine(moved, local + shift, local, inv_freq, interleaved)
+    torch.testing.assert_close(back, at_local, atol=1e-5, rtol=0)
+    tables = (engine_cos_sin(local, inv_freq), engine_cos_sin(local + shift, inv_freq))
+    assert torch.equal(rerope_with_tables(at_local, *tables, interleaved=interleaved), moved)
+    torch.testing.assert_close(rerope_like_engine(x, local, local, inv_freq, interleaved), x, atol=1e-6, rtol=0)
+
+
+def test_engine_cos_sin_refuses_inexact_positions():
+    from qroute.rope import engine_cos_sin
+
+    inv_freq = rope_inv_freq(DEFAULT_ROPE)
+    with pytest.raises(ConfigError, match="positions"):
+        engine_cos_sin(torch.tensor([1.0]), inv_freq)
+    with pytest.raises(ConfigError, match="float32"):
+        engine_cos_sin(torch.tensor([1 << 24]), inv_freq)

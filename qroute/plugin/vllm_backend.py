@@ -18,6 +18,7 @@ docs/vllm-internals.md (a)), which per request merges exactly (``qroute.attentio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
@@ -32,6 +33,9 @@ from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 from qroute.attention import Part, merge, partial_attention
 from qroute.errors import ConfigError
 from qroute.plugin.vllm import ensure_active, qroute_configured
+
+if TYPE_CHECKING:
+    from qroute.connectors.vllm_worker import QRouteWorkerSide
 
 __all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "QRouteMLAMetadataBuilder"]
 
@@ -93,7 +97,7 @@ def own_part(
     )  # fmt: skip
 
 
-def _corpus_attention():
+def _corpus_attention() -> QRouteWorkerSide | None:
     """The connector's worker side, or None (no connector yet, e.g. during vLLM's profiling run)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -99,7 +99,7 @@ def test_configured_instance_gets_qroute_impl(plugin, caplog, monkeypatch):
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from qroute.plugin.vllm_backend import QRouteCPUMLAImpl
+    from qroute.plugin.vllm_backend import QRouteCPUMLAImpl, QRouteMLAMetadataBuilder
 
     config = _config(qroute=True)
     assert plugin.qroute_configured(config)
@@ -108,6 +108,7 @@ def test_configured_instance_gets_qroute_impl(plugin, caplog, monkeypatch):
     with set_current_vllm_config(config):
         assert AttentionBackendEnum.CPU_MLA.get_class().get_impl_cls() is QRouteCPUMLAImpl
         assert AttentionBackendEnum.CPU_MLA.get_class().get_impl_cls() is QRouteCPUMLAImpl
+        assert AttentionBackendEnum.CPU_MLA.get_class().get_builder_cls() is QRouteMLAMetadataBuilder
     active = [r.getMessage() for r in caplog.records if r.getMessage().startswith("qroute active:")]
     assert len(active) == 1 and "QRouteCPUMLABackend" in active[0], active
 

@@ -1,0 +1,238 @@
+"""The qroute connector's configuration: ``kv_connector_extra_config`` of ``--kv-transfer-config``.
+
+Engine-free (no vllm, no torch): the launcher imports this module to write and check the same config,
+and to build the same corpus directory (``load_directory``) as every instance.
+
+Keys (``QRouteConfig.from_extra_config``; ``config_file`` names a YAML file with the same keys, explicit
+keys win over the file's):
+
+- ``instance_id`` (str): this instance, one of ``instances``.
+- ``instances`` (dict id -> "host:port"): every instance's owner-service address, this one included.
+- ``corpus`` ({"name", "path", "replicas": 1, "blocks_per_chunk": 16}).
+- ``transport`` ("tcp" | "nixl", default "tcp"); ``fabric`` (profile name or YAML path; default
+  "loopback-tcp" / "loopback-nixl" by transport); ``mode`` ("auto" | "route" | "fetch" | "local").
+- ``secret_env`` (name of the env var holding the shared secret, default "QROUTE_SECRET"; the secret
+  itself never goes into a config); ``timeout_s`` (2.0); ``cache_bytes`` (0: no cache of fetched blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qroute.corpus import CorpusDirectory, TokenizedCorpus, build_directory, load_encoder, tokenize_corpus
+from qroute.errors import ConfigError
+
+__all__ = [
+    "BLOCK_SIZE",
+    "CORPORA_ENV",
+    "CorpusConfig",
+    "QRouteConfig",
+    "corpus_names_from_argv",
+    "load_directory",
+    "load_directory_for",
+]
+
+MODES = ("auto", "route", "fetch", "local")  # same as qroute.router.MODES (router imports torch)
+TRANSPORTS = ("tcp", "nixl")
+BLOCK_SIZE = 16  # corpus block = vLLM's CPU MLA block size
+CORPORA_ENV = "QROUTE_CORPORA"  # comma-separated corpus names, for the API server's validator
+_KEYS = {"instance_id", "instances", "corpus", "transport", "fabric", "mode", "secret_env", "timeout_s",
+         "cache_bytes", "config_file"}  # fmt: skip
+_CORPUS_KEYS = {"name", "path", "replicas", "blocks_per_chunk"}
+
+
+def _where(key: str) -> str:
+    return f"kv_connector_extra_config[{key!r}]"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    name: str
+    path: str
+    replicas: int = 1
+    blocks_per_chunk: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "\x00" in self.name:
+            raise ConfigError(f"{_where('corpus')}['name'] must be a non-empty str, got {self.name!r}")
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(f"{_where('corpus')}['path'] must be a corpus directory path, got {self.path!r}")
+        for key in ("replicas", "blocks_per_chunk"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{_where('corpus')}[{key!r}] must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QRouteConfig:
+    instance_id: str
+    instances: Mapping[str, str]
+    corpus: CorpusConfig
+    transport: str = "tcp"
+    fabric: str = ""  # "" = loopback-<transport>
+    mode: str = "auto"
+    secret_env: str = "QROUTE_SECRET"
+    timeout_s: float = 2.0
+    cache_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.instances, Mapping) or not self.instances:
+            raise ConfigError(f"{_where('instances')} must be a non-empty dict of instance id -> 'host:port'")
+        for name, address in self.instances.items():
+            if not isinstance(name, str) or not name or "\x00" in name:
+                raise ConfigError(f"{_where('instances')}: instance id {name!r} must be a non-empty str")
+            _split_address(name, address)
+        if self.instance_id not in self.instances:
+            raise ConfigError(f"{_where('instance_id')}={self.instance_id!r} is not one of "
+                              f"{_where('instances')} {sorted(self.instances)}")
+        if self.corpus.replicas > len(self.instances):
+            raise ConfigError(f"{_where('corpus')}['replicas']={self.corpus.replicas} exceeds the "
+                              f"{len(self.instances)} instances")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"{_where('transport')}={self.transport!r}; allowed: {', '.join(TRANSPORTS)}")
+        if not isinstance(self.fabric, str):
+            raise ConfigError(f"{_where('fabric')} must be a profile name or a YAML path, got {self.fabric!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"{_where('mode')}={self.mode!r}; allowed: {', '.join(MODES)}")
+        if not isinstance(self.secret_env, str) or not self.secret_env or "=" in self.secret_env:
+            raise ConfigError(f"{_where('secret_env')} must name an environment variable, got {self.secret_env!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
+            raise ConfigError(f"{_where('timeout_s')} must be a positive number of seconds, got {self.timeout_s!r}")
+        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
+            raise ConfigError(f"{_where('cache_bytes')} must be an int >= 0, got {self.cache_bytes!r}")
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> QRouteConfig:
+        """Validate ``kv_connector_extra_config`` (plus its ``config_file``, if any)."""
+        merged = dict(extra or {})
+        config_file = merged.pop("config_file", None)
+        if config_file is not None:
+            merged = {**_read_yaml(config_file), **merged}  # explicit keys win
+            merged.pop("config_file", None)
+        unknown = set(merged) - _KEYS
+        if unknown:
+            raise ConfigError(f"kv_connector_extra_config: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        for key in ("instance_id", "instances", "corpus"):
+            if key not in merged:
+                raise ConfigError(f"{_where(key)} is required for QRouteConnector")
+        corpus = merged.pop("corpus")
+        if not isinstance(corpus, Mapping):
+            raise ConfigError(f"{_where('corpus')} must be a dict with keys {sorted(_CORPUS_KEYS)}")
+        unknown = set(corpus) - _CORPUS_KEYS
+        if unknown or "name" not in corpus or "path" not in corpus:
+            raise ConfigError(f"{_where('corpus')}: needs 'name' and 'path', allows {sorted(_CORPUS_KEYS)}; "
+                              f"got {sorted(corpus)}")
+        instances = merged.pop("instances")
+        if isinstance(instances, Mapping):
+            instances = {str(k): v for k, v in instances.items()}
+        return cls(corpus=CorpusConfig(**corpus), instances=instances, **merged)
+
+    # -- derived ------------------------------------------------------------------------------------
+
+    @property
+    def instance_ids(self) -> tuple[str, ...]:
+        """Every instance, sorted: the placement's instance order on every instance."""
+        return tuple(sorted(self.instances))
+
+    @property
+    def fabric_name(self) -> str:
+        return self.fabric or f"loopback-{self.transport}"
+
+    def address(self, instance: str) -> tuple[str, int]:
+        return _split_address(instance, self.instances[instance])
+
+    def read_secret(self) -> bytes:
+        """The shared secret from the environment variable ``secret_env``."""
+        value = os.environ.get(self.secret_env, "")
+        if not value:
+            raise ConfigError(f"the shared secret is missing: set the environment variable {self.secret_env} "
+                              f"(named by {_where('secret_env')}) to the same value on every instance")
+        return value.encode()
+
+
+def _split_address(instance: str, address: object) -> tuple[str, int]:
+    if not isinstance(address, str) or address.count(":") != 1:
+        raise ConfigError(f"{_where('instances')}[{instance!r}]={address!r} must be 'host:port'")
+    host, port = address.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{_where('instances')}[{instance!r}]={address!r} must be 'host:port' with a port "
+                          "in 1..65535")
+    return host, int(port)
+
+
+def _read_yaml(path: object) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(str(path)).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{_where('config_file')}={path!r} cannot be read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where('config_file')}={path!r} must hold a YAML mapping of qroute keys")
+    return data
+
+
+def load_directory(config: QRouteConfig, model_dir: str | Path) -> tuple[TokenizedCorpus, CorpusDirectory]:
+    """Tokenize the configured corpus with the model's tokenizer and place it: the same directory on every
+    instance (sorted instance ids, the model's fingerprint), so no instance needs to ask another."""
+    c = config.corpus
+    return load_directory_for(model_dir, c.path, name=c.name, instances=config.instance_ids, replicas=c.replicas,
+                              blocks_per_chunk=c.blocks_per_chunk)  # fmt: skip
+
+
+def load_directory_for(
+    model_dir: str | Path,
+    corpus_dir: str | Path,
+    *,
+    name: str,
+    instances: Sequence[str],
+    replicas: int = 1,
+    blocks_per_chunk: int = 16,
+) -> tuple[TokenizedCorpus, CorpusDirectory]:
+    """``load_directory`` from plain values (the launcher's entry point); ``instances`` in any order."""
+    from qroute.geometry import model_fingerprint
+
+    encoder = load_encoder(model_dir)
+    tokens = tokenize_corpus(corpus_dir, encoder, sep_ids=encoder.sep_ids)
+    directory = build_directory(
+        name,
+        tokens,
+        instances=sorted(instances),
+        replicas=replicas,
+        block_size=BLOCK_SIZE,
+        blocks_per_chunk=blocks_per_chunk,
+        model_fingerprint=model_fingerprint(model_dir),
+    )
+    return tokens, directory
+
+
+def corpus_names_from_argv(argv: Sequence[str]) -> set[str] | None:
+    """Corpus names configured by a ``--kv-transfer-config`` naming ``QRouteConnector`` in ``argv``.
+
+    None when ``argv`` has no such flag (the caller then cannot tell). Reads ``--kv-transfer-config JSON``
+    and ``--kv-transfer-config=JSON`` (not vLLM's dotted ``--kv-transfer-config.KEY`` form); raises
+    ConfigError when the value or its qroute keys are invalid.
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--kv-transfer-config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--kv-transfer-config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            ktc = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"--kv-transfer-config is not JSON ({exc}): {shlex.quote(value)[:200]}") from exc
+        if not isinstance(ktc, dict) or ktc.get("kv_connector") != "QRouteConnector":
+            return None
+        return {QRouteConfig.from_extra_config(ktc.get("kv_connector_extra_config")).corpus.name}
+    return None

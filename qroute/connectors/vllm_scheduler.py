@@ -1,0 +1,165 @@
+"""Scheduler side of the qroute connector (runs in vLLM's EngineCore process).
+
+Per request: reads ``kv_transfer_params["qroute"]`` once (corpus, mode, prefill_chunk), never raising: a bad
+request gets no corpus attention and its response says why (``"error"``); the API server's
+``CorpusValidator`` already refuses unknown corpora with HTTP 400. A request without qroute parameters
+attends to the configured corpus in the configured mode; ``"corpus": null`` opts out.
+
+Per step: ``build_connector_meta`` sends the worker one ``RequestStep`` per scheduled request, keyed by
+the slot of its first scheduled token. Results: ``request_finished`` returns
+``{"qroute": {corpus, mode, route, fetch, local, bytes_moved[, stored_chunk][, error]}}``.
+
+Ordering trap (vllm 0.32 ``Scheduler.update_from_output``): a request that finishes in step ``s`` gets
+``request_finished`` **before** ``update_connector_output`` delivers the worker counts of step ``s``. The
+dict returned by ``request_finished`` is therefore kept and completed in place when those counts arrive,
+later in the same ``update_from_output`` call; the output is serialized only after it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qroute.connectors.vllm_config import MODES, QRouteConfig
+from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, first_slot
+from qroute.corpus import CorpusDirectory, TokenizedCorpus
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.qroute")
+
+_MAX_FINISHING = 4096  # finished requests whose last worker counts may still arrive
+
+
+@dataclass
+class RequestState:
+    corpus: str | None  # None: no corpus attention
+    mode: str
+    prefill_chunk: int | None = None
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # what request_finished returns under "qroute"
+
+
+class QRouteSchedulerSide:
+    def __init__(self, config: QRouteConfig, tokens: TokenizedCorpus, directory: CorpusDirectory, block_size: int):
+        self.config = config
+        self.tokens = tokens
+        self.directory = directory
+        self.block_size = block_size
+        self._kv_cache_manager: KVCacheManager | None = None
+        self._states: dict[str, RequestState] = {}
+        self._finishing: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    # -- per request --------------------------------------------------------------------------------
+
+    def on_new_request(self, request: Request) -> None:
+        self._states[request.request_id] = self._parse(request)
+
+    def _state(self, request_id: str, request: Request | None = None) -> RequestState | None:
+        state = self._states.get(request_id)
+        if state is None and request is not None:
+            state = self._states[request_id] = self._parse(request)
+        return state
+
+    def _parse(self, request: Request) -> RequestState:
+        """The request's qroute parameters; problems become ``error`` (the engine must not raise)."""
+        d = self.directory
+        params = (request.kv_transfer_params or {}).get("qroute", {})
+        state = RequestState(corpus=d.name, mode=self.config.mode)
+        if not isinstance(params, dict):
+            return self._refuse(state, f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
+        state.corpus = params.get("corpus", d.name)
+        state.mode = params.get("mode") or self.config.mode
+        state.summary = {"corpus": state.corpus, "mode": state.mode, **dict.fromkeys(COUNTERS, 0)}
+        if state.corpus is None:
+            return state
+        if state.corpus != d.name:
+            return self._refuse(state, f"unknown corpus {state.corpus!r}; this instance serves {d.name!r}")
+        if state.mode not in MODES:
+            return self._refuse(state, f"mode {state.mode!r} is not one of {', '.join(MODES)}")
+        chunk = params.get("prefill_chunk")
+        if chunk is not None:
+            state.prefill_chunk = chunk
+            state.error = self._check_prefill(request, chunk)
+            if state.error:
+                return self._refuse(state, state.error)
+        return state
+
+    def _check_prefill(self, request: Request, chunk: object) -> str | None:
+        d = self.directory
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk < len(d.chunks):
+            return f"prefill_chunk {chunk!r} is not a chunk of corpus {d.name!r} (0..{len(d.chunks) - 1})"
+        entry = d.chunks[chunk]
+        if self.config.instance_id not in entry.owners:
+            return f"instance {self.config.instance_id!r} does not own chunk {chunk} (owners {list(entry.owners)})"
+        expected = self.tokens.token_ids[entry.start : entry.end].tolist()
+        if list(request.prompt_token_ids or ()) != expected:
+            return f"the prompt is not the token ids of chunk {chunk} ({entry.end - entry.start} tokens expected)"
+        return None
+
+    def _refuse(self, state: RequestState, error: str) -> RequestState:
+        logger.warning("qroute: request gets no corpus attention: %s", error)
+        state.error = error
+        state.summary = {"corpus": state.corpus, "mode": state.mode, **dict.fromkeys(COUNTERS, 0), "error": error}
+        return state
+
+    def request_finished(self, request: Request) -> dict[str, Any] | None:
+        state = self._states.pop(request.request_id, None)
+        if state is None:
+            return None
+        if state.prefill_chunk is not None and not state.error:
+            state.summary.setdefault("stored_chunk", None)  # filled by the worker's report
+        self._finishing[request.request_id] = state.summary
+        while len(self._finishing) > _MAX_FINISHING:
+            self._finishing.popitem(last=False)
+        return {"qroute": state.summary}
+
+    # -- per step -----------------------------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> QRouteStepMeta:
+        meta = QRouteStepMeta()
+        for new in scheduler_output.scheduled_new_reqs:
+            self._add(meta, new.req_id, new.block_ids[0], new.num_computed_tokens)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
+            if self._kv_cache_manager is not None and req_id in self._states:
+                self._add(meta, req_id, self._kv_cache_manager.get_block_ids(req_id)[0], num_computed)
+        return meta
+
+    def _add(self, meta: QRouteStepMeta, req_id: str, block_ids: list[int], num_computed: int) -> None:
+        state = self._states.get(req_id)
+        if state is None or state.corpus is None or state.error:
+            return
+        d = self.directory
+        if state.prefill_chunk is None:
+            visible, shift, store = d.num_tokens, d.num_tokens, None
+        else:
+            start = d.chunks[state.prefill_chunk].start
+            visible, shift, store = start, start, state.prefill_chunk
+        slot = first_slot(block_ids, num_computed, self.block_size)
+        meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, visible, shift, num_computed, store)
+
+    def update_connector_output(self, worker_meta: object) -> None:
+        if not isinstance(worker_meta, QRouteWorkerMeta):
+            return
+        for req_id in {*worker_meta.counts, *worker_meta.stored, *worker_meta.errors}:
+            state = self._states.get(req_id)
+            summary = state.summary if state is not None else self._finishing.get(req_id)
+            if summary is None:
+                continue
+            for name, delta in zip(COUNTERS, worker_meta.counts.get(req_id, ()), strict=False):
+                summary[name] = summary.get(name, 0) + delta
+            if req_id in worker_meta.stored:
+                summary["stored_chunk"] = worker_meta.stored[req_id]
+            if req_id in worker_meta.errors:
+                summary.setdefault("error", worker_meta.errors[req_id])
+                if state is not None:  # no corpus for the rest of the request, not on and off
+                    state.error = state.error or worker_meta.errors[req_id]
