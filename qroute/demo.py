@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="two local instances sharing a corpus on the tiny model")
-    parser.add_argument("--engine", choices=["vllm", "core"], default="core")
+    parser.add_argument("--engine", choices=["vllm", "core"], default="vllm")
     parser.add_argument("--corpus", help="corpus directory (default: the stdlib sqlite3 package)")
     parser.add_argument("--transport", choices=["tcp", "nixl"], default="tcp")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per question")

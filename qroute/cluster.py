@@ -1,0 +1,340 @@
+"""A local qroute cluster: N ``vllm serve`` instances on loopback sharing one corpus.
+
+``start_cluster`` starts the instances (each in its own process group, so stopping one stops its
+EngineCore and Worker too), waits until every OpenAI server answers ``/health``, prefills the corpus
+chunk by chunk on the chunks' owners (exact mode: a chunk attends to every earlier chunk, wherever it
+lives), and records the cluster in a state file that ``qroute status`` and ``qroute down`` read.
+The shared secret is generated here and handed to the instances through their environment only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qroute.errors import ConfigError, QRouteError
+
+STATE_ENV = "QROUTE_STATE_DIR"
+SECRET_ENV = "QROUTE_SECRET"
+START_TIMEOUT_S = 420.0  # two instances starting side by side on 2 cores take 60-90 s; leave room
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_ENV, ".qroute")).resolve()
+
+
+@dataclass
+class InstanceInfo:
+    instance_id: str
+    url: str  # OpenAI base URL
+    pid: int  # leader of the instance's process group
+    owner_address: str = ""
+    log: str = ""
+    chunks: int = 0
+
+
+@dataclass
+class ClusterState:
+    model_dir: str
+    corpus_dir: str | None
+    corpus_name: str | None
+    mode: str
+    instances: list[InstanceInfo] = field(default_factory=list)
+    corpus_tokens: int = 0
+    corpus_version: str = ""
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or state_dir() / "cluster.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ClusterState:
+        path = path or state_dir() / "cluster.json"
+        if not path.is_file():
+            raise ConfigError(f"no qroute cluster recorded at {path}: start one with `qroute up`")
+        data = json.loads(path.read_text())
+        data["instances"] = [InstanceInfo(**i) for i in data["instances"]]
+        return cls(**data)
+
+
+# -- processes ------------------------------------------------------------------------------------------
+
+
+def engine_env(instance_index: int) -> dict[str, str]:
+    """Environment of one instance: small KV budget, offline, one core each where there are enough."""
+    cores = os.cpu_count() or 1
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["VLLM_CPU_OMP_THREADS_BIND"] = str(instance_index % cores)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("VLLM_CACHE_ROOT", str(state_dir() / "vllm-cache"))
+    return env
+
+
+def vllm_serve_command(model_dir: Path, port: int, *, max_model_len: int, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", str(max_model_len), "--max-num-seqs", "8", "--served-model-name", "tiny",
+        *extra,
+    ]  # fmt: skip
+
+
+def spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    # A new session makes the server the leader of a process group that also holds its EngineCore
+    # and Worker, so one killpg stops them all.
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_pid(pid: int, timeout_s: float = 30.0) -> None:
+    """Stop the process group led by ``pid``: SIGTERM, then SIGKILL after ``timeout_s``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            _reap(pid)
+            return
+        _reap(pid)
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# -- HTTP -----------------------------------------------------------------------------------------------
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout_s: float = 120.0) -> tuple[int, dict]:
+    """POST ``body`` (or GET) and return (status, JSON body); HTTP errors are returned, not raised."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, {"error": raw.decode(errors="replace")}
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_healthy(instances: list[InstanceInfo], processes: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = dict(zip([i.instance_id for i in instances], zip(instances, processes, strict=True), strict=True))
+    while pending:
+        for name, (info, process) in list(pending.items()):
+            if process.poll() is not None:
+                raise QRouteError(
+                    f"instance {name} exited with code {process.returncode} during start-up; see {info.log}"
+                )
+            if healthy(info.url):
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            raise QRouteError(f"instances {sorted(pending)} not healthy after {timeout_s:.0f} s; see their logs")
+        time.sleep(1.0)
+
+
+def completion(
+    url: str,
+    prompt: list[int],
+    *,
+    max_tokens: int,
+    kv_transfer_params: dict | None = None,
+    logprobs: bool = False,
+    extra: dict | None = None,
+    timeout_s: float = 300.0,
+) -> dict:
+    """A greedy /v1/completions call with a token-id prompt; raises QRouteError on an HTTP error."""
+    body: dict[str, Any] = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+    if logprobs:
+        body["logprobs"] = 1
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = kv_transfer_params
+    body.update(extra or {})
+    status, reply = http_json(url + "/completions", body, timeout_s)
+    if status != 200:
+        raise QRouteError(f"{url} answered HTTP {status}: {reply}")
+    return reply
+
+
+# -- the cluster ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model_dir: Path
+    corpus_dir: Path | None  # None: plain stock instances (the reference)
+    num_instances: int = 2
+    corpus_name: str = "corpus"
+    replicas: int = 1
+    blocks_per_chunk: int = 16
+    mode: str = "auto"
+    transport: str = "tcp"
+    base_port: int = 8100
+    max_model_len: int = 2048
+    kv_blocks: int | None = None  # paged KV budget per instance in 16-token blocks (default: vLLM's choice)
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ConfigError(f"--instances must be >= 1, got {self.num_instances}")
+        if self.corpus_dir is not None and not 1 <= self.replicas <= self.num_instances:
+            raise ConfigError(f"--replicas must be in [1, {self.num_instances}], got {self.replicas}")
+
+    def instance_ids(self) -> list[str]:
+        return [f"i{k}" for k in range(self.num_instances)]
+
+    def http_port(self, k: int) -> int:
+        return self.base_port + k
+
+    def owner_port(self, k: int) -> int:
+        return self.base_port + 100 + k
+
+
+def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` of instance ``k``."""
+    ids = spec.instance_ids()
+    extra = {
+        "instance_id": ids[k],
+        "instances": {name: f"127.0.0.1:{spec.owner_port(j)}" for j, name in enumerate(ids)},
+        "corpus": {"name": spec.corpus_name, "path": str(spec.corpus_dir), "replicas": spec.replicas,
+                   "blocks_per_chunk": spec.blocks_per_chunk},
+        "transport": spec.transport,
+        "mode": spec.mode,
+        "secret_env": SECRET_ENV,
+    }  # fmt: skip
+    return {
+        "kv_connector": "QRouteConnector",
+        "kv_connector_module_path": "qroute.connectors.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
+
+
+def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
+    """Start the instances, wait for them, prefill the corpus; stops everything again on failure."""
+    from qroute.connectors.vllm_config import load_directory_for
+
+    state = ClusterState(
+        model_dir=str(spec.model_dir),
+        corpus_dir=str(spec.corpus_dir) if spec.corpus_dir else None,
+        corpus_name=spec.corpus_name if spec.corpus_dir else None,
+        mode=spec.mode,
+    )
+    secret = secrets.token_hex(16)
+    processes = []
+    try:
+        for k, name in enumerate(spec.instance_ids()):
+            extra: list[str] = []
+            env = engine_env(k)
+            if spec.corpus_dir is not None:
+                extra = ["--kv-transfer-config", json.dumps(connector_config(spec, k)),
+                         "--logits-processors", "qroute.plugin.vllm_validate:CorpusValidator"]  # fmt: skip
+                env[SECRET_ENV] = secret
+            log_path = state_dir() / "logs" / f"{name}.log"
+            if spec.kv_blocks:
+                extra += ["--num-gpu-blocks-override", str(spec.kv_blocks)]
+            cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra)
+            process = spawn(cmd, env, log_path)
+            processes.append(process)
+            state.instances.append(InstanceInfo(
+                instance_id=name, url=f"http://127.0.0.1:{spec.http_port(k)}/v1", pid=process.pid,
+                owner_address=f"127.0.0.1:{spec.owner_port(k)}" if spec.corpus_dir else "", log=str(log_path),
+            ))  # fmt: skip
+        state.save()
+        log(f"qroute: starting {spec.num_instances} vllm serve instance(s); logs in {state_dir() / 'logs'}")
+        wait_healthy(state.instances, processes, START_TIMEOUT_S)
+        if spec.corpus_dir is not None:
+            tokenized, directory = load_directory_for(
+                spec.model_dir, spec.corpus_dir, name=spec.corpus_name, instances=spec.instance_ids(),
+                replicas=spec.replicas, blocks_per_chunk=spec.blocks_per_chunk,
+            )  # fmt: skip
+            prefill_corpus_http(state, tokenized.token_ids.tolist(), directory, log=log)
+            state.corpus_tokens, state.corpus_version = directory.num_tokens, directory.version
+            for info in state.instances:
+                info.chunks = len(directory.chunks_of(info.instance_id))
+        state.save()
+        return state
+    except BaseException:
+        for process in processes:
+            stop_pid(process.pid)
+        (state_dir() / "cluster.json").unlink(missing_ok=True)
+        raise
+
+
+def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *, log=print) -> None:
+    """Exact-mode corpus prefill: chunk by chunk in order, on every owner of the chunk."""
+    urls = {i.instance_id: i.url for i in state.instances}
+    start = time.monotonic()
+    for chunk in directory.chunks:
+        for owner in chunk.owners:
+            params = {"qroute": {"corpus": directory.name, "prefill_chunk": chunk.chunk_id}}
+            completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1, kv_transfer_params=params)
+        if chunk.chunk_id % 8 == 7 or chunk.chunk_id == len(directory.chunks) - 1:
+            log(f"qroute: prefilled chunk {chunk.chunk_id + 1}/{len(directory.chunks)} of corpus {directory.name!r} "
+                f"({time.monotonic() - start:.1f} s)")  # fmt: skip
+
+
+def stop_cluster(state: ClusterState | None = None) -> int:
+    """Stop every instance of the recorded cluster by PID; returns how many were running."""
+    path = state_dir() / "cluster.json"
+    if state is None:
+        if not path.is_file():
+            return 0
+        state = ClusterState.load(path)
+    running = 0
+    for info in state.instances:
+        if pid_alive(info.pid):
+            running += 1
+        stop_pid(info.pid)
+    path.unlink(missing_ok=True)
+    return running

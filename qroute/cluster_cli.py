@@ -1,0 +1,81 @@
+"""``qroute up``, ``qroute status`` and ``qroute down``: a local cluster of ``vllm serve`` instances."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qroute.cluster import ClusterSpec, ClusterState, healthy, pid_alive, start_cluster, state_dir, stop_cluster
+from qroute.errors import ConfigError
+
+
+def model_dir_or_tiny(model_dir: str | None) -> Path:
+    if model_dir:
+        return Path(model_dir)
+    from qroute.tinymodel import build_tiny_model
+
+    return build_tiny_model(dtype="float32")
+
+
+def _up(args: argparse.Namespace) -> int:
+    if (state_dir() / "cluster.json").is_file():
+        raise ConfigError(f"a cluster is already recorded in {state_dir()}: run `qroute down` first")
+    spec = ClusterSpec(
+        model_dir=model_dir_or_tiny(args.model_dir),
+        corpus_dir=Path(args.corpus).resolve(),
+        num_instances=args.instances,
+        corpus_name=args.corpus_name,
+        replicas=args.replicas,
+        blocks_per_chunk=args.blocks_per_chunk,
+        mode=args.mode,
+        transport=args.transport,
+        base_port=args.base_port,
+    )
+    state = start_cluster(spec)
+    print(f"qroute: corpus {state.corpus_name!r}: {state.corpus_tokens} tokens, version {state.corpus_version}")
+    for info in state.instances:
+        print(f"{info.instance_id}  {info.url}  pid {info.pid}  owns {info.chunks} chunks")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = ClusterState.load()
+    rows = []
+    for info in state.instances:
+        alive = pid_alive(info.pid)
+        rows.append({"instance": info.instance_id, "url": info.url, "pid": info.pid, "alive": alive,
+                     "healthy": alive and healthy(info.url), "owned_chunks": info.chunks})  # fmt: skip
+    if args.json:
+        print(json.dumps({"corpus": state.corpus_name, "corpus_tokens": state.corpus_tokens, "instances": rows}))
+    else:
+        print(f"corpus {state.corpus_name!r}: {state.corpus_tokens} tokens, mode {state.mode}")
+        for r in rows:
+            health = "healthy" if r["healthy"] else ("running, not healthy" if r["alive"] else "DOWN")
+            print(f"{r['instance']}  {r['url']}  pid {r['pid']}  {health}  owns {r['owned_chunks']} chunks")
+    return 0 if all(r["healthy"] for r in rows) else 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    stopped = stop_cluster()
+    print(f"qroute: stopped {stopped} instance(s)")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start N vllm serve instances on loopback sharing a corpus")
+    up.add_argument("--instances", type=int, default=2)
+    up.add_argument("--corpus", required=True, help="corpus directory (a codebase)")
+    up.add_argument("--corpus-name", default="corpus")
+    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--blocks-per-chunk", type=int, default=16, help="16-token blocks per placement chunk")
+    up.add_argument("--model-dir", help="model directory (default: the built-in tiny model)")
+    up.add_argument("--mode", choices=["auto", "route", "fetch", "local"], default="auto")
+    up.add_argument("--transport", choices=["tcp", "nixl"], default="tcp")
+    up.add_argument("--base-port", type=int, default=8100, help="HTTP ports base..base+N-1, owners base+100..")
+    up.set_defaults(handler=_up)
+    status = sub.add_parser("status", help="instances of the local cluster: URL, PID, owned chunks, health")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)
+    down = sub.add_parser("down", help="stop every instance of the local cluster by PID")
+    down.set_defaults(handler=_down)
