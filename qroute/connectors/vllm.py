@@ -6,7 +6,8 @@ Enabled by ``--kv-transfer-config '{"kv_connector": "QRouteConnector", "kv_conne
 process) forwards to ``QRouteSchedulerSide``, the WORKER one (Worker process) to ``QRouteWorkerSide``.
 Nothing is loaded into vLLM's paged cache: ``get_num_new_matched_tokens`` is always ``(0, False)``; the
 corpus is attended by the attention backend (``qroute.plugin.vllm_backend``), which reaches the worker
-side through ``get_kv_transfer_group().corpus_attention``.
+side through ``get_kv_transfer_group().corpus_attention``. A request whose corpus attention fails is ended
+through vLLM's KV-load-failure path (``get_block_ids_with_load_errors``, ``kv_load_failure_policy``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class QRouteConnector(KVConnectorBase_V1):
         self._worker: QRouteWorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             block_size = vllm_config.cache_config.block_size
-            self._scheduler = QRouteSchedulerSide(config, tokens, directory, block_size)
+            policy = vllm_config.kv_transfer_config.kv_load_failure_policy
+            self._scheduler = QRouteSchedulerSide(config, tokens, directory, block_size, fail_requests=policy == "fail")
         else:
             self._worker = QRouteWorkerSide(config, directory, model_dir, vllm_config.model_config.dtype)
 
@@ -108,6 +110,9 @@ class QRouteConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         pass
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         return self._worker.take_report()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-__all__ = ["COUNTERS", "QRouteStepMeta", "QRouteWorkerMeta", "RequestStep", "first_slot", "map_rows"]
+__all__ = ["COUNTERS", "QRouteStepMeta", "QRouteWorkerMeta", "RequestStep", "computed_block", "first_slot", "map_rows"]
 
 COUNTERS = ("route", "fetch", "local", "bytes_moved")
 
@@ -31,6 +31,10 @@ class RequestStep:
     its own tokens (``N``, or ``chunk.start``); own token ``i`` sits at corpus position ``shift + i``.
     ``first_pos``: own position of the first scheduled token (vLLM's ``num_computed_tokens``).
     ``store_chunk``: corpus chunk whose latent rows this request's rows are (prefill), else None.
+    ``computed_block``: paged-cache block holding the request's last computed token (own position
+    ``first_pos - 1``), None on its first step or when failures are not reported (``kv_load_failure_policy``
+    "recompute"). ``failed``: the request's corpus attention already failed; the worker only reports
+    ``computed_block`` as a load error, which makes vLLM finish the request with FINISHED_ERROR.
     """
 
     req_id: str
@@ -40,6 +44,8 @@ class RequestStep:
     position_shift: int
     first_pos: int
     store_chunk: int | None = None
+    computed_block: int | None = None
+    failed: bool = False
 
 
 @dataclass
@@ -71,6 +77,15 @@ class QRouteWorkerMeta(KVConnectorWorkerMetadata):
 
     def __bool__(self) -> bool:
         return bool(self.counts or self.stored or self.errors)
+
+
+def computed_block(block_ids: Sequence[int], num_computed_tokens: int, block_size: int) -> int | None:
+    """Block of a request's last computed token (own position ``num_computed_tokens - 1``); None if none.
+
+    vLLM's scheduler fails (policy "fail") a running request whose blocks among its first
+    ``ceil(num_computed_tokens / block_size)`` (before this step) include a reported load-error block.
+    """
+    return block_ids[(num_computed_tokens - 1) // block_size] if num_computed_tokens > 0 else None
 
 
 def first_slot(block_ids: Sequence[int], num_computed_tokens: int, block_size: int) -> int:

@@ -1,12 +1,15 @@
 """Scheduler side of the qroute connector (runs in vLLM's EngineCore process).
 
 Per request: reads ``kv_transfer_params["qroute"]`` once (corpus, mode, prefill_chunk), never raising: a bad
-request gets no corpus attention and its response says why (``"error"``); the API server's
+request gets no corpus attention, its response says why (``"error"``), and under ``kv_load_failure_policy``
+"fail" (vLLM's default) it is failed from its second step on (see ``_add``); the API server's
 ``CorpusValidator`` already refuses unknown corpora with HTTP 400. A request without qroute parameters
 attends to the configured corpus in the configured mode; ``"corpus": null`` opts out.
 
 Per step: ``build_connector_meta`` sends the worker one ``RequestStep`` per scheduled request, keyed by
-the slot of its first scheduled token. Results: ``request_finished`` returns
+the slot of its first scheduled token, and the block of its last computed token: a request whose corpus
+attention failed (worker error, or refused here) is then failed through vLLM's own KV-load-failure path
+(the worker reports that block in ``get_block_ids_with_load_errors``). Results: ``request_finished`` returns
 ``{"qroute": {corpus, mode, route, fetch, local, bytes_moved[, stored_chunk][, error]}}``.
 
 Ordering trap (vllm 0.32 ``Scheduler.update_from_output``): a request that finishes in step ``s`` gets
@@ -23,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qroute.connectors.vllm_config import MODES, QRouteConfig
-from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, first_slot
+from qroute.connectors.vllm_meta import (
+    COUNTERS,
+    QRouteStepMeta,
+    QRouteWorkerMeta,
+    RequestStep,
+    computed_block,
+    first_slot,
+)
 from qroute.corpus import CorpusDirectory, TokenizedCorpus
 
 if TYPE_CHECKING:
@@ -46,8 +56,16 @@ class RequestState:
 
 
 class QRouteSchedulerSide:
-    def __init__(self, config: QRouteConfig, tokens: TokenizedCorpus, directory: CorpusDirectory, block_size: int):
+    def __init__(
+        self,
+        config: QRouteConfig,
+        tokens: TokenizedCorpus,
+        directory: CorpusDirectory,
+        block_size: int,
+        fail_requests: bool = True,
+    ):
         self.config = config
+        self.fail_requests = fail_requests  # kv_load_failure_policy "fail": failed requests end with an error
         self.tokens = tokens
         self.directory = directory
         self.block_size = block_size
@@ -136,7 +154,16 @@ class QRouteSchedulerSide:
 
     def _add(self, meta: QRouteStepMeta, req_id: str, block_ids: list[int], num_computed: int) -> None:
         state = self._states.get(req_id)
-        if state is None or state.corpus is None or state.error:
+        if state is None or state.corpus is None:
+            return
+        slot = first_slot(block_ids, num_computed, self.block_size)
+        block = computed_block(block_ids, num_computed, self.block_size) if self.fail_requests else None
+        if state.error:
+            # Its corpus attention failed (or was refused): the worker reports one of its computed blocks as a
+            # load error, and vLLM finishes it with FINISHED_ERROR. None on a first step (nothing computed yet).
+            if block is not None:
+                meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, 0, 0, num_computed,
+                                                  computed_block=block, failed=True)  # fmt: skip
             return
         d = self.directory
         if state.prefill_chunk is None:
@@ -144,8 +171,8 @@ class QRouteSchedulerSide:
         else:
             start = d.chunks[state.prefill_chunk].start
             visible, shift, store = start, start, state.prefill_chunk
-        slot = first_slot(block_ids, num_computed, self.block_size)
-        meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, visible, shift, num_computed, store)
+        meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, visible, shift, num_computed, store,
+                                          computed_block=block)  # fmt: skip
 
     def update_connector_output(self, worker_meta: object) -> None:
         if not isinstance(worker_meta, QRouteWorkerMeta):

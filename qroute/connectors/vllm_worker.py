@@ -12,7 +12,12 @@
   the store at its chunk's rows, ``k_pe`` moved from local position ``i`` to ``chunk.start + i``.
 
 Failures never raise into the engine: a request whose corpus part cannot be computed gets none, an ERROR
-line, and ``"error"`` in its response (see ``QRouteWorkerMeta``).
+line, and ``"error"`` in its response (see ``QRouteWorkerMeta``). Under ``kv_load_failure_policy`` "fail"
+(vLLM's default) it is also failed through vLLM's KV-load-failure path: ``take_load_errors`` (the connector's
+``get_block_ids_with_load_errors``) returns one of its already computed paged-cache blocks
+(``RequestStep.computed_block``), in this step if it has one, else in each of its next steps (``failed``),
+and vLLM's scheduler finishes it with FINISHED_ERROR. A request that fails on its first step (prefill) and
+ends there (``max_tokens=1``) still returns normally, with ``"error"``.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class QRouteWorkerSide:
         self._stored_layers: dict[str, set[int]] = {}
         self._stored_chunks: set[int] = set()  # own chunks whose rows are in the store (all layers)
         self._report = QRouteWorkerMeta()
+        self._load_errors: set[int] = set()  # blocks of failed requests, for get_block_ids_with_load_errors
 
     # -- once ---------------------------------------------------------------------------------------
 
@@ -137,6 +143,11 @@ class QRouteWorkerSide:
         tables = (engine_cos_sin(own, inv_freq, self.table_dtype),
                   engine_cos_sin(own + step.position_shift, inv_freq, self.table_dtype))  # fmt: skip
         run = RequestRun(step, start, stop, tables)
+        if step.failed:  # failed in an earlier step (logged then): only report it, so that vLLM ends it
+            run.error = "failed earlier"
+            if step.computed_block is not None:
+                self._load_errors.add(step.computed_block)
+            return run
         if step.store_chunk is not None:
             chunk = d.chunk(step.store_chunk)
             positions = own[own < chunk.end - chunk.start] + chunk.start
@@ -226,6 +237,13 @@ class QRouteWorkerSide:
         if run.step.req_id not in self._report.errors:
             logger.error("qroute: request %s gets no corpus attention: %s", run.step.req_id, error)
             self._report.errors[run.step.req_id] = error
+        if run.step.computed_block is not None:  # else the scheduler sends it as `failed` in its next step
+            self._load_errors.add(run.step.computed_block)
+
+    def take_load_errors(self) -> set[int]:
+        """Paged-cache blocks of requests failed this step (vLLM fails every running request owning one)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def take_report(self) -> QRouteWorkerMeta | None:
         report, self._report = self._report, QRouteWorkerMeta()

@@ -144,3 +144,21 @@ def test_a_worker_error_ends_corpus_attention_for_the_request(sides):
     side.update_connector_output(sides.meta.QRouteWorkerMeta(errors={"r": "owner 'b' unavailable"}))
     assert side.build_connector_meta(out).requests == {}
     assert side.request_finished(_request("r", []))["qroute"]["error"] == "owner 'b' unavailable"
+
+
+def test_a_failed_request_reports_a_computed_block_for_vllm_to_fail_it(sides):
+    """After an error, each later step carries the block of the request's last computed token (policy "fail")."""
+    side = sides.sched.QRouteSchedulerSide(sides.config, sides.tokens, sides.directory, BLOCK)
+    side.bind_kv_cache_manager(SimpleNamespace(get_block_ids=lambda req_id: ([3, 8],)))
+    side.on_new_request(_request("r", [1] * 20))
+    running = SimpleNamespace(req_ids=["r"], num_computed_tokens=[20])
+    cached = SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=running)
+    (step,) = side.build_connector_meta(cached).requests.values()
+    assert (step.computed_block, step.failed) == (8, False)  # token 19 is in the request's block 1
+    side.update_connector_output(sides.meta.QRouteWorkerMeta(errors={"r": "owner 'b' unavailable"}))
+    (step,) = side.build_connector_meta(cached).requests.values()
+    assert (step.computed_block, step.failed) == (8, True)
+    refused = sides.sched.QRouteSchedulerSide(sides.config, sides.tokens, sides.directory, BLOCK, fail_requests=False)
+    refused.bind_kv_cache_manager(side._kv_cache_manager)
+    refused.on_new_request(_request("r", [1] * 20, {"mode": "fast"}))
+    assert refused.build_connector_meta(cached).requests == {}  # policy "recompute": no failure reported
