@@ -30,6 +30,9 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bound on the float32 score block [T, H, keys] per step (64 MiB); longer key lists are processed in
 # chunks merged with `merge`, which is exact.
 _MAX_SCORE_ELEMS = 1 << 24
+# PyTorch's fused CPU attention, which also returns the LSE (private, so looked up: without it the
+# op-by-op path below runs). Tiles internally: no score block is materialised.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -96,29 +99,50 @@ def partial_attention(
     if q_positions is not None:
         _check_int("q_positions", q_positions, num_tokens)
         _check_int("kv_positions", kv_positions, num_keys)
-    if num_keys and (int(slots.min()) < 0 or int(slots.max()) >= cache.shape[0]):
-        # Negative indices would silently wrap around in torch indexing.
-        raise ConfigError(
-            f"slots must lie in [0, {cache.shape[0]}), got range [{int(slots.min())}, {int(slots.max())}]"
-        )
+    if slots.dtype not in (torch.int32, torch.int64):
+        slots = slots.long()  # index_select takes these two only
+    if num_keys:
+        low, high = (int(v) for v in torch.aminmax(slots))
+        if low < 0 or high >= cache.shape[0]:  # negative indices would silently wrap around in torch indexing
+            raise ConfigError(f"slots must lie in [0, {cache.shape[0]}), got range [{low}, {high}]")
+    else:
+        return empty_part(num_tokens, num_heads, kv_lora_rank, q_nope.device)
 
     device = q_nope.device
-    qn, qp = q_nope.float(), q_pe.float()
+    masked = q_positions is not None
+    fusable = not masked and device.type == "cpu" and cache.device.type == "cpu" and num_tokens * num_heads > 0
+    if fusable and _FLASH_CPU is not None:
+        # One fused kernel instead of a dozen small ops (each costs microseconds of overhead on a CPU). The
+        # keys are whole rows [c | k_pe] and the values the same rows (it wants equal head sizes): the output's
+        # first kv_lora_rank columns are the latent result. Its LSE is natural log, like ours.
+        q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).view(1, 1, num_tokens * num_heads, -1)
+        rows = cache.index_select(0, slots).float()[None, None]
+        out, lse = _FLASH_CPU(q, rows, rows, scale=scale)[:2]
+        return out.view(num_tokens, num_heads, -1)[..., :kv_lora_rank].contiguous(), lse.view(num_tokens, num_heads)
+    # One [T*H, R+P] query block against whole rows: a single matmul gives q_nope.c + q_pe.k_pe, scaled
+    # beforehand on the small side. Few, large torch ops: on a CPU each op costs microseconds of overhead.
+    q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).reshape(num_tokens * num_heads, -1) * scale
+    if q_positions is not None:
+        q_positions, kv_positions = q_positions.to(device), kv_positions.to(device)
     step = max(1, _MAX_SCORE_ELEMS // max(1, num_tokens * num_heads))
-    parts = [empty_part(num_tokens, num_heads, kv_lora_rank, device)]
+    parts = []
     for start in range(0, num_keys, step):
         stop = min(num_keys, start + step)
-        rows = cache[slots[start:stop].to(cache.device)].to(device=device, dtype=torch.float32)
-        latent, k_pe = rows[:, :kv_lora_rank], rows[:, kv_lora_rank:]
-        scores = (torch.einsum("thr,sr->ths", qn, latent) + torch.einsum("thp,sp->ths", qp, k_pe)) * scale
-        if q_positions is not None:
-            visible = kv_positions[start:stop].to(device)[None, :] <= q_positions.to(device)[:, None]
+        chunk = slots if stop - start == num_keys else slots[start:stop]
+        rows = cache.index_select(0, chunk.to(cache.device)).to(device=device, dtype=torch.float32)
+        scores = (q @ rows.T).view(num_tokens, num_heads, -1)
+        if masked:
+            visible = kv_positions[start:stop][None, :] <= q_positions[:, None]
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        # exp(-inf - finite) = 0; rows with no visible key would give exp(-inf - -inf) = NaN.
-        probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-        parts.append((torch.einsum("ths,sr->thr", probs, latent), lse))
-    return parts[-1] if len(parts) == 2 else merge(parts)
+            top = scores.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # no visible key: 0, not -inf
+        else:
+            top = scores.amax(dim=-1, keepdim=True)
+        probs = scores.sub_(top).exp_()
+        total = probs.sum(dim=-1, keepdim=True)  # >= 1 where a key is visible (the max gives exp(0)), else 0
+        lse = (top + total.log()).squeeze(-1)  # log(0) = -inf: no visible key
+        out = (probs.view(num_tokens * num_heads, -1) @ rows[:, :kv_lora_rank]).view(num_tokens, num_heads, -1)
+        parts.append((out.div_(total.clamp_min_(1.0) if masked else total), lse))  # no keys: zeros, not 0/0
+    return parts[0] if len(parts) == 1 else merge(parts)
 
 
 def empty_part(num_tokens: int, num_heads: int, kv_lora_rank: int, device: torch.device | str | None = None) -> Part:
@@ -145,17 +169,15 @@ def merge(parts: list[Part]) -> Part:
                 f"part {i} shapes out {tuple(out.shape)}, lse {tuple(lse.shape)} differ from part 0 "
                 f"({tuple(out0.shape)}, {tuple(lse0.shape)})"
             )
-    lses = torch.stack([lse.float() for _, lse in parts])  # [P, T, H]
-    top = lses.amax(dim=0)
-    top = torch.where(torch.isfinite(top), top, 0.0)  # all -inf: weights are exp(-inf) = 0, not NaN
-    weights = torch.exp(lses - top)
-    total = weights.sum(dim=0)
-    lse = top + torch.log(total)  # log(0) = -inf for rows with no keys in any part
-    norm = torch.where(total > 0, 1.0 / total, 0.0)
-    out = torch.zeros_like(out0, dtype=torch.float32)
-    for (part_out, _), w in zip(parts, weights, strict=True):
-        contrib = (w * norm)[..., None] * part_out.float()
-        out += torch.where(w[..., None] > 0, contrib, 0.0)  # an empty part's out never leaks (0 * NaN)
+    lses = torch.stack([lse for _, lse in parts]).float()  # [P, T, H]
+    top = lses.amax(dim=0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all -inf: exp(-inf) = 0, not NaN
+    weights = (lses - top).exp_()
+    total = weights.sum(dim=0)  # >= 1 where some part has keys (its max gives exp(0)), else 0
+    lse = top + total.log()  # log(0) = -inf for rows with no keys in any part
+    weights = weights.div_(total.clamp_min(1.0))[..., None]
+    outs = torch.stack([out for out, _ in parts]).float()  # [P, T, H, R]
+    # an empty part's out never leaks, even if it is garbage (0 * NaN)
+    out = torch.where(weights > 0, outs * weights, 0.0).sum(dim=0)
     return out, lse
 
 

@@ -145,10 +145,12 @@ def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
     """
     torch = sys.modules.get("torch")  # never import torch here: callers who have tensors have it
     if torch is not None and isinstance(x, torch.Tensor):
-        x = x.detach().cpu().contiguous()
-        dtype = str(x.dtype).removeprefix("torch.")
-        if dtype == "bfloat16":
+        x = x.detach().cpu().contiguous()  # each a no-op for a contiguous CPU tensor
+        if x.dtype == torch.bfloat16:
             return Tensor("bfloat16", tuple(x.shape), x.view(torch.int16).numpy().tobytes())
+        name = _torch_wire_names(torch).get(x.dtype)
+        if name is not None and sys.byteorder == "little":
+            return Tensor(name, tuple(x.shape), x.numpy().tobytes())  # hot path: host order is the wire's
         x = x.numpy()
     if isinstance(x, np.generic):  # a numpy scalar is a 0-d array
         x = np.asarray(x)
@@ -163,6 +165,16 @@ def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
         raise WireError(f"array dtype {name!r} is not one of {sorted(WIRE_DTYPES)}")
     data = np.ascontiguousarray(x, dtype=_NUMPY_DTYPES[name]).tobytes()
     return Tensor(name, tuple(int(d) for d in x.shape), data)
+
+
+_TORCH_WIRE_NAMES: dict[Any, str] = {}
+
+
+def _torch_wire_names(torch: Any) -> dict[Any, str]:
+    """torch dtype -> wire dtype name (bfloat16 apart), built on first use: this module never imports torch."""
+    if not _TORCH_WIRE_NAMES:
+        _TORCH_WIRE_NAMES.update({getattr(torch, n): n for n in WIRE_DTYPES if n != "bfloat16"})
+    return _TORCH_WIRE_NAMES
 
 
 def from_wire(t: Tensor) -> np.ndarray:

@@ -26,6 +26,26 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, params=["fused", "op-by-op"])
+def kernel_path(request, monkeypatch):
+    """Every test runs on both CPU paths: PyTorch's fused attention kernel and the op-by-op one (used for
+    masks, other devices, and torch builds without the kernel)."""
+    if request.param == "op-by-op":
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    elif attention._FLASH_CPU is None:
+        pytest.skip("this torch build has no fused CPU attention kernel")
+    return request.param
+
+
+def test_fused_and_op_by_op_paths_agree(monkeypatch):
+    q_nope, q_pe, cache, slots = make_inputs(3, 16, 200)
+    fused = partial_attention(q_nope, q_pe, cache, slots, SCALE)
+    monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    plain = partial_attention(q_nope, q_pe, cache, slots, SCALE)
+    assert fused[0].is_contiguous() and fused[0].shape == plain[0].shape and fused[1].shape == plain[1].shape
+    assert_part_close(fused, plain)
+
+
 def attention_ref(q_nope, q_pe, rows, scale, kv_lora_rank, visible=None):
     """Dense attention over all ``rows [S, R + P]``: softmax over the concatenated scores, float64."""
     q_nope, q_pe, rows = q_nope.double(), q_pe.double(), rows.double()
