@@ -5,8 +5,15 @@ selected corpus tokens held by the owner and ``R`` the expected number of steps 
 fetched blocks:
 
     T_route = probe + B*H*s_q/bw + compute(B, n) + B*H*s_r/bw + merge(B)     (+ route_overhead)
-    T_fetch = (fetch_probe + n*b/bw + gather*n_desc + splice) / R + compute(B, n)  (+ fetch_overhead/R)
+    T_fetch = (fetch_probe + n*b/fetch_bw + gather*n_desc + splice) / R + compute(B, n)  (+ fetch_overhead/R)
     T_local = compute(B, n)
+    compute(B, n) = compute_fixed + n*per_token + B*H*n*per_token_head
+
+``fetch_bw`` defaults to ``bw``: a one-sided READ and a routed message may move bytes at different
+rates (on loopback a READ is one CMA copy, a routed row is copied several times in software).
+``compute``'s per-token term is the cost of reading the selected rows, independent of the number
+of query rows (decode attention is bound by reading the cache); the per-token-head term is the
+arithmetic.
 
 ``probe`` is the round trip of a small message on the fabric (a route is one round trip; so is
 a one-sided READ, which is why fetch pays one too). ``s_q``/``s_r``/``b`` come from
@@ -56,10 +63,18 @@ class FabricProfile:
     fetch_overhead_us: float = 0.0  # software cost per fetch on top of the fabric
     description: str = ""
     source: str = ""
+    # Appended fields (defaults keep older profiles valid):
+    compute_ns_per_token: float = 0.0  # attention cost per selected token whatever the rows: reading its row
+    fetch_bandwidth_gbps: float | None = None  # one-sided READ bandwidth, GB/s; defaults to bandwidth_gbps
 
     def __post_init__(self) -> None:
         if self.bandwidth_gbps <= 0:
             raise ConfigError(f"fabric {self.name!r}: bandwidth_gbps must be positive, got {self.bandwidth_gbps}")
+        if self.fetch_bandwidth_gbps is not None and self.fetch_bandwidth_gbps <= 0:
+            raise ConfigError(
+                f"fabric {self.name!r}: fetch_bandwidth_gbps must be positive or absent, "
+                f"got {self.fetch_bandwidth_gbps}"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -69,13 +84,25 @@ class FabricProfile:
     def read_probe_us(self) -> float:
         return self.probe_us if self.fetch_probe_us is None else self.fetch_probe_us
 
+    @property
+    def read_bandwidth_gbps(self) -> float:
+        return self.bandwidth_gbps if self.fetch_bandwidth_gbps is None else self.fetch_bandwidth_gbps
+
     def transfer_us(self, num_bytes: float) -> float:
         return num_bytes / (self.bandwidth_gbps * 1e3)
+
+    def read_us(self, num_bytes: float) -> float:
+        """Time of the bytes of a one-sided READ (a fetch)."""
+        return num_bytes / (self.read_bandwidth_gbps * 1e3)
 
     def compute_us(self, batch: int, heads: int, tokens: int) -> float:
         if tokens <= 0:
             return 0.0
-        return self.compute_us_fixed + self.compute_ns_per_token_head * batch * heads * tokens / 1e3
+        return (
+            self.compute_us_fixed
+            + self.compute_ns_per_token * tokens / 1e3
+            + self.compute_ns_per_token_head * batch * heads * tokens / 1e3
+        )
 
     def merge_us(self, batch: int, heads: int) -> float:
         return self.merge_us_fixed + self.merge_ns_per_head_row * batch * heads / 1e3
@@ -164,7 +191,7 @@ def fetch_terms(geometry: MLAGeometry, fabric: FabricProfile, w: Workload) -> di
     num_desc = math.ceil(w.tokens / w.block_size)
     return {
         "probe": (fabric.read_probe_us + fabric.fetch_overhead_us) / w.reuse,
-        "transfer": fabric.transfer_us(w.tokens * geometry.latent_bytes_per_token) / w.reuse,
+        "transfer": fabric.read_us(w.tokens * geometry.latent_bytes_per_token) / w.reuse,
         "gather": fabric.gather_us_per_desc * num_desc / w.reuse,
         "splice": fabric.splice_us / w.reuse,
         "compute": fabric.compute_us(w.batch, w.heads, w.tokens),
@@ -196,7 +223,7 @@ def crossover_tokens(
     """The ``n`` above which route beats fetch, from the terms that do not cancel.
 
     Route's fixed cost  ``a = probe + B*H*(s_q+s_r)/bw + merge(B)`` meets fetch's
-    ``(read_probe + splice + n*(b/bw + gather/block_size)) / R``, with descriptors counted as
+    ``(read_probe + splice + n*(b/fetch_bw + gather/block_size)) / R``, with descriptors counted as
     ``n / block_size`` (the continuous form of ``ceil``). Returns 0.0 when route wins for every
     ``n`` and None when fetch does (no per-token fetch cost).
     """
@@ -204,7 +231,7 @@ def crossover_tokens(
     route = route_terms(geometry, fabric, w)
     fixed_route = route["probe"] + route["transfer"] + route["return"] + route["merge"]
     fixed_fetch = (fabric.read_probe_us + fabric.fetch_overhead_us + fabric.splice_us) / reuse
-    per_token_bytes = fabric.transfer_us(geometry.latent_bytes_per_token)
+    per_token_bytes = fabric.read_us(geometry.latent_bytes_per_token)
     per_token_fetch = (per_token_bytes + fabric.gather_us_per_desc / block_size) / reuse
     if per_token_fetch <= 0:
         return None

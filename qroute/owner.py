@@ -14,8 +14,10 @@ rather than queueing without bound. A request whose deadline passed before its t
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +47,9 @@ class AttentionParams:
         )
 
 
+ROUTE_TIMES_KEPT = 8192  # recent routes whose handling time the stats keep
+
+
 @dataclass
 class OwnerStats:
     routes: int = 0
@@ -52,6 +57,18 @@ class OwnerStats:
     errors: dict[str, int] = field(default_factory=dict)
     bytes_in: int = 0
     bytes_out: int = 0
+    # seconds ``handle`` spent on each recent route (decode, attention, encode): the owner's share of a round trip
+    route_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=ROUTE_TIMES_KEPT))
+
+    def summary(self) -> dict:
+        """JSON-ready counters, with the median and p99 route handling time in microseconds."""
+        times = sorted(self.route_seconds)
+        return {
+            "routes": self.routes, "fetches": self.fetches, "errors": dict(self.errors),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "route_handle_us_median": statistics.median(times) * 1e6 if times else None,
+            "route_handle_us_p99": times[min(len(times) - 1, int(0.99 * len(times)))] * 1e6 if times else None,
+        }  # fmt: skip
 
 
 def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, dtype: torch.dtype) -> str:
@@ -109,6 +126,7 @@ class OwnerService:
 
     def handle(self, payload: bytes) -> bytes:
         received = time.monotonic()
+        start = time.perf_counter()
         request_id = 0
         if not self._slots.acquire(blocking=False):
             return self._error(0, wire.ErrorCode.OVERLOADED, f"owner {self.instance_id!r} is at its in-flight limit")
@@ -126,6 +144,8 @@ class OwnerService:
             with self._lock:
                 self.stats.bytes_in += len(payload)
                 self.stats.bytes_out += len(reply)
+                if isinstance(msg, wire.RouteRequest):
+                    self.stats.route_seconds.append(time.perf_counter() - start)
             return reply
         except WireError as exc:
             return self._error(request_id, wire.ErrorCode.BAD_REQUEST, str(exc))

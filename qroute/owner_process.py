@@ -67,6 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         transport.close()
+        # the last line: what this owner did (``OwnerProcess.stop`` returns it)
+        print(json.dumps({"instance": args.instance, "stats": service.stats.summary()}), flush=True)
     return 0
 
 
@@ -86,7 +88,8 @@ class OwnerProcess:
     address: str
     process: subprocess.Popen
 
-    def stop(self) -> None:
+    def stop(self) -> dict | None:
+        """Terminate the owner; returns its final stats line (``OwnerStats.summary``) when it printed one."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -94,6 +97,14 @@ class OwnerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        if self.process.stdout is None or self.process.stdout.closed:
+            return None
+        try:
+            lines = self.process.stdout.read().splitlines()  # the process has exited: EOF is there
+            self.process.stdout.close()
+            return json.loads(lines[-1]).get("stats") if lines else None
+        except (OSError, ValueError):
+            return None
 
 
 def start_owner(

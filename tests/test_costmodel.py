@@ -49,6 +49,27 @@ def test_terms_equal_hand_computed_values():
     assert c.decision is Decision.ROUTE  # route 35.4 + compute < fetch 129.6 + compute
 
 
+def test_fetch_bandwidth_and_per_token_compute():
+    # A separate READ bandwidth prices only the fetch's bytes; the per-token compute term is charged once
+    # per selected token whatever the rows, on both sides.
+    fabric = FabricProfile(
+        name="split", probe_us=10.0, bandwidth_gbps=1.0, fetch_bandwidth_gbps=4.0, compute_us_fixed=3.0,
+        compute_ns_per_token=2000.0, compute_ns_per_token_head=1000.0,
+    )  # fmt: skip
+    c = costs(V32, fabric, Workload(batch=2, heads=4, tokens=100, block_size=64))
+    compute = 3.0 + 2.0 * 100 + 1.0 * 2 * 4 * 100
+    assert c.route["transfer"] == pytest.approx(2 * 4 * 1152 / 1000)  # route bytes at bandwidth_gbps
+    assert c.fetch["transfer"] == pytest.approx(100 * 656 / 4000)  # fetch bytes at fetch_bandwidth_gbps
+    assert c.route["compute"] == c.fetch["compute"] == c.local_us == pytest.approx(compute)
+    # absent, the fetch bandwidth is the route's (older profiles keep their meaning)
+    same = FabricProfile(name="one", probe_us=10.0, bandwidth_gbps=1.0)
+    assert same.read_bandwidth_gbps == 1.0
+    n_star = crossover_tokens(V32, fabric, batch=1, heads=128)
+    assert n_star == pytest.approx(128 * (1152 + 1028) / 1000 / (656 / 4000))
+    with pytest.raises(ConfigError, match="fetch_bandwidth_gbps"):
+        FabricProfile(name="bad", probe_us=1.0, bandwidth_gbps=1.0, fetch_bandwidth_gbps=0.0)
+
+
 def test_reuse_amortises_only_the_fetch_movement():
     one = costs(V32, FABRIC, Workload(batch=1, heads=1, tokens=64, block_size=64))
     four = costs(V32, FABRIC, Workload(batch=1, heads=1, tokens=64, block_size=64, reuse=4))
@@ -87,9 +108,8 @@ def test_crossover_is_about_3_3_heads_on_rdma():
 
 
 def test_fabric_files_load_and_round_trip(tmp_path):
-    assert {"h100-nvlink", "ibgda-cx7", "ib-verbs-proxy", "tcp-100gbe", "loopback-nixl", "loopback-tcp"} <= set(
-        list_fabrics()
-    )
+    assert {"h100-nvlink", "ibgda-cx7", "ib-verbs-proxy", "tcp-100gbe", "loopback-nixl", "loopback-tcp",
+            "loopback-nixl-calibrated", "loopback-tcp-calibrated"} <= set(list_fabrics())
     for name in list_fabrics():
         profile = load_fabric(name)
         assert profile.source, f"{name} must say where its numbers come from"
