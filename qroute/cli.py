@@ -131,6 +131,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.owner_process",
         "qroute.calibrate",
         "qroute.bench.transport",
+        "qroute.bench.ab",
         "qroute.cluster_cli",
         "qroute.check",
         "qroute.demo",
