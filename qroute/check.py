@@ -51,8 +51,8 @@ def run_check(
     from qroute.demo_core import question_ids
 
     ids = [f"i{k}" for k in range(num_instances)]
-    tokenized, directory = load_directory_for(model_dir, corpus_dir, name="corpus", instances=ids)
-    corpus_ids = tokenized.token_ids.tolist()
+    token_ids, directory = load_directory_for(model_dir, corpus_dir, name="corpus", instances=ids)
+    corpus_ids = token_ids.tolist()
     prompt = question_ids(model_dir, question)
     max_model_len = 1 << math.ceil(math.log2(len(corpus_ids) + len(prompt) + max_tokens + 1))
 

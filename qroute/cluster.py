@@ -294,11 +294,11 @@ def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
         log(f"qroute: starting {spec.num_instances} vllm serve instance(s); logs in {state_dir() / 'logs'}")
         wait_healthy(state.instances, processes, START_TIMEOUT_S)
         if spec.corpus_dir is not None:
-            tokenized, directory = load_directory_for(
+            token_ids, directory = load_directory_for(
                 spec.model_dir, spec.corpus_dir, name=spec.corpus_name, instances=spec.instance_ids(),
                 replicas=spec.replicas, blocks_per_chunk=spec.blocks_per_chunk,
             )  # fmt: skip
-            prefill_corpus_http(state, tokenized.token_ids.tolist(), directory, log=log)
+            prefill_corpus_http(state, token_ids.tolist(), directory, log=log)
             state.corpus_tokens, state.corpus_version = directory.num_tokens, directory.version
             for info in state.instances:
                 info.chunks = len(directory.chunks_of(info.instance_id))

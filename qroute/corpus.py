@@ -447,3 +447,33 @@ def build_directory(
         instances=insts,
         chunks=chunks,
     )
+
+
+def place_model_corpus(
+    model_dir: str | Path,
+    corpus_dir: str | Path,
+    *,
+    name: str,
+    instances: Sequence[str],
+    replicas: int = 1,
+    block_size: int = 16,
+    blocks_per_chunk: int = 16,
+    max_tokens: int | None = None,
+) -> tuple[np.ndarray, CorpusDirectory]:
+    """Tokenize ``corpus_dir`` with the model's tokenizer and place it: ``(token_ids [num_tokens] int64,
+    directory)``. Every instance, the launcher and the tests call this, so all build the same directory
+    (instances sorted, the model's fingerprint). ``max_tokens`` keeps only the first tokens."""
+    from qroute.geometry import model_fingerprint
+
+    encoder = load_encoder(model_dir)
+    token_ids = tokenize_corpus(Path(corpus_dir), encoder, sep_ids=encoder.sep_ids).token_ids[:max_tokens]
+    directory = build_directory(
+        name,
+        token_ids,
+        instances=sorted(instances),
+        replicas=replicas,
+        block_size=block_size,
+        blocks_per_chunk=blocks_per_chunk,
+        model_fingerprint=model_fingerprint(model_dir),
+    )
+    return token_ids, directory

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from qroute.corpus import CorpusDirectory, build_directory, load_encoder, tokenize_corpus
-from qroute.geometry import MLAGeometry, geometry_from_config, model_fingerprint
+from qroute.corpus import CorpusDirectory, place_model_corpus
+from qroute.geometry import MLAGeometry, geometry_from_config
 from qroute.owner import AttentionParams, OwnerService, compat_for
 from qroute.refmodel import RefMLAModel
 from qroute.shard import CorpusShard, build_shard, prefill_corpus
@@ -94,17 +94,8 @@ def plan_corpus(
 
     Enough for a requester that holds no share (it needs the directory for the handshake, not the rows).
     """
-    encoder = load_encoder(model_dir)
-    tokenized = tokenize_corpus(Path(corpus_dir), encoder, sep_ids=encoder.sep_ids)
-    token_ids = torch.tensor(tokenized.token_ids[:max_tokens], dtype=torch.int64)
-    fingerprint = model_fingerprint(model_dir)
-    directory = build_directory(
-        name,
-        token_ids.numpy(),
-        instances=instances,
-        model_fingerprint=fingerprint,
-        replicas=replicas,
-        block_size=block_size,
-        blocks_per_chunk=blocks_per_chunk,
-    )
-    return token_ids, directory, fingerprint
+    token_ids, directory = place_model_corpus(
+        model_dir, corpus_dir, name=name, instances=instances, replicas=replicas, block_size=block_size,
+        blocks_per_chunk=blocks_per_chunk, max_tokens=max_tokens,
+    )  # fmt: skip
+    return torch.tensor(token_ids, dtype=torch.int64), directory, directory.model_fingerprint

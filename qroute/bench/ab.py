@@ -69,8 +69,8 @@ def run_ab(model_dir: Path, corpus: Path, *, max_tokens: int, repeats: int, base
     from qroute.connectors.vllm_config import load_directory_for
     from qroute.demo_core import question_ids
 
-    tokenized, _ = load_directory_for(model_dir, corpus, name="corpus", instances=["i0"])
-    corpus_ids = tokenized.token_ids.tolist()
+    token_ids, _ = load_directory_for(model_dir, corpus, name="corpus", instances=["i0"])
+    corpus_ids = token_ids.tolist()
     prompt = question_ids(model_dir, "Which function opens a connection, and what does it return?")
     need = len(corpus_ids) + len(prompt) + max_tokens
     max_len = max(2048, 1 << need.bit_length())

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from qroute.corpus import CorpusDirectory, TokenizedCorpus, build_directory, load_encoder, tokenize_corpus
+from qroute.corpus import CorpusDirectory, place_model_corpus
 from qroute.errors import ConfigError
 
 __all__ = [
@@ -180,7 +181,7 @@ def _read_yaml(path: object) -> dict[str, Any]:
     return data
 
 
-def load_directory(config: QRouteConfig, model_dir: str | Path) -> tuple[TokenizedCorpus, CorpusDirectory]:
+def load_directory(config: QRouteConfig, model_dir: str | Path) -> tuple[np.ndarray, CorpusDirectory]:
     """Tokenize the configured corpus with the model's tokenizer and place it: the same directory on every
     instance (sorted instance ids, the model's fingerprint), so no instance needs to ask another."""
     c = config.corpus
@@ -196,22 +197,12 @@ def load_directory_for(
     instances: Sequence[str],
     replicas: int = 1,
     blocks_per_chunk: int = 16,
-) -> tuple[TokenizedCorpus, CorpusDirectory]:
+) -> tuple[np.ndarray, CorpusDirectory]:
     """``load_directory`` from plain values (the launcher's entry point); ``instances`` in any order."""
-    from qroute.geometry import model_fingerprint
-
-    encoder = load_encoder(model_dir)
-    tokens = tokenize_corpus(corpus_dir, encoder, sep_ids=encoder.sep_ids)
-    directory = build_directory(
-        name,
-        tokens,
-        instances=sorted(instances),
-        replicas=replicas,
-        block_size=BLOCK_SIZE,
-        blocks_per_chunk=blocks_per_chunk,
-        model_fingerprint=model_fingerprint(model_dir),
-    )
-    return tokens, directory
+    token_ids, directory = place_model_corpus(model_dir, corpus_dir, name=name, instances=instances,
+                                              replicas=replicas, block_size=BLOCK_SIZE,
+                                              blocks_per_chunk=blocks_per_chunk)  # fmt: skip
+    return token_ids, directory
 
 
 def corpus_names_from_argv(argv: Sequence[str]) -> set[str] | None:

@@ -25,6 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from qroute.connectors.vllm_config import MODES, QRouteConfig
 from qroute.connectors.vllm_meta import (
     COUNTERS,
@@ -34,7 +36,7 @@ from qroute.connectors.vllm_meta import (
     computed_block,
     first_slot,
 )
-from qroute.corpus import CorpusDirectory, TokenizedCorpus
+from qroute.corpus import CorpusDirectory
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -59,7 +61,7 @@ class QRouteSchedulerSide:
     def __init__(
         self,
         config: QRouteConfig,
-        tokens: TokenizedCorpus,
+        tokens: np.ndarray,
         directory: CorpusDirectory,
         block_size: int,
         fail_requests: bool = True,
@@ -118,7 +120,7 @@ class QRouteSchedulerSide:
         entry = d.chunks[chunk]
         if self.config.instance_id not in entry.owners:
             return f"instance {self.config.instance_id!r} does not own chunk {chunk} (owners {list(entry.owners)})"
-        expected = self.tokens.token_ids[entry.start : entry.end].tolist()
+        expected = self.tokens[entry.start : entry.end].tolist()
         if list(request.prompt_token_ids or ()) != expected:
             return f"the prompt is not the token ids of chunk {chunk} ({entry.end - entry.start} tokens expected)"
         return None

@@ -67,7 +67,7 @@ def test_scheduler_steps_map_back_to_their_rows(sides):
 
 def test_prefill_chunk_requests_are_checked_not_raised(sides):
     side = sides.sched.QRouteSchedulerSide(sides.config, sides.tokens, sides.directory, BLOCK)
-    d, ids = sides.directory, sides.tokens.token_ids
+    d, ids = sides.directory, sides.tokens
     mine = next(c for c in d.chunks if c.chunk_id > 0 and "a" in c.owners)
     theirs = next(c for c in d.chunks if "a" not in c.owners)
     side.on_new_request(_request("ok", ids[mine.start : mine.end].tolist(), {"prefill_chunk": mine.chunk_id}))
