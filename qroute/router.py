@@ -30,7 +30,7 @@ from qroute.costmodel import Decision, FabricProfile, Workload, costs
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
 from qroute.geometry import MLAGeometry
 from qroute.owner import AttentionParams
-from qroute.shard import BlockRows, CorpusShard, byte_ranges, region_name, shard_layout
+from qroute.shard import BlockRows, CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,7 @@ class Router:
                 f"mode 'local' needs every corpus block resident, but blocks {blocks[:4]}... live on {owners}; "
                 "use mode 'auto', 'route' or 'fetch'"
             )
-        num_tokens = sum(min(self.directory.block_size, self.directory.num_tokens - b * self.directory.block_size)
-                         for b in blocks)  # fmt: skip
+        num_tokens = sum(block_tokens(self.directory, b) for b in blocks)
         workload = Workload(
             batch=max(1, num_rows),
             heads=self.geometry.num_heads,
@@ -329,8 +328,7 @@ class Router:
         return torch.from_numpy(out).view(self.row_dtype).view(-1, self.width)
 
     def _cache_blocks(self, layer: int, block_ids: tuple[int, ...], rows: torch.Tensor) -> None:
-        sizes = [min(self.directory.block_size, self.directory.num_tokens - b * self.directory.block_size)
-                 for b in block_ids]  # fmt: skip
+        sizes = [block_tokens(self.directory, b) for b in block_ids]
         self.cache.put(self.directory.name, layer, block_ids, list(rows.split(sizes)))
 
     def _failed(self, owner: str, exc: Exception) -> None:

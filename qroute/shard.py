@@ -31,6 +31,12 @@ def block_range(directory: CorpusDirectory, block_id: int) -> tuple[int, int]:
     return start, min(start + directory.block_size, directory.num_tokens)
 
 
+def block_tokens(directory: CorpusDirectory, block_id: int) -> int:
+    """Tokens in a corpus block (``block_size``, fewer for the last one)."""
+    start, end = block_range(directory, block_id)
+    return end - start
+
+
 def shard_layout(directory: CorpusDirectory, instance: str) -> BlockRows:
     """Where each block ``instance`` holds sits in its shard."""
     rows: BlockRows = {}
