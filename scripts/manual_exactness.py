@@ -150,13 +150,13 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from qroute.connectors.vllm_config import QRouteConfig, load_directory
-    from qroute.corpus import load_encoder
+    from qroute.core.config import QRouteConfig, load_directory
+    from qroute.core.corpus import load_encoder
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="qroute-exact-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        from qroute.tinymodel import build_tiny_model
+        from qroute.reference.tinymodel import build_tiny_model
 
         args.model = build_tiny_model(dtype="float32")
     corpus_dir = args.corpus_dir or sample_corpus(work / "corpus")

@@ -36,7 +36,7 @@ SAMPLE_FILES = {
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from qroute.tinymodel import build_tiny_model
+    from qroute.reference.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), dtype="float32")
 

@@ -1,4 +1,4 @@
-"""qroute.attention: partial absorbed-MLA attention and the exact merge, against a plain dense reference."""
+"""qroute.numerics.attention: partial absorbed-MLA attention and the exact merge, against a plain dense reference."""
 
 import math
 import random
@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qroute.attention as attention
-from qroute.attention import empty_part, lse_from_base2, merge, partial_attention, rotate_query_rope
+import qroute.numerics.attention as attention
 from qroute.errors import ConfigError
-from qroute.rope import apply_rope, rope_inv_freq
+from qroute.numerics.attention import empty_part, lse_from_base2, merge, partial_attention, rotate_query_rope
+from qroute.numerics.rope import apply_rope, rope_inv_freq
 
 ROPE = 64
 SCALE = 192**-0.5

@@ -6,9 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from qroute.calibrate import full_sweep, quick_sweep
-from qroute.cli import main
-from qroute.costfit import (
+from qroute.core.costfit import (
     COEFFICIENTS,
     Sample,
     check,
@@ -18,8 +16,10 @@ from qroute.costfit import (
     nnls,
     predict_us,
 )
-from qroute.costmodel import FabricProfile, load_fabric
-from qroute.geometry import MODELS_DIR, geometry_from_config
+from qroute.core.costmodel import FabricProfile, load_fabric
+from qroute.core.geometry import MODELS_DIR, geometry_from_config
+from qroute.ops.calibrate import full_sweep, quick_sweep
+from qroute.ops.cli import main
 
 TINY = geometry_from_config(
     {"model_type": "deepseek_v3", "num_hidden_layers": 2, "num_attention_heads": 4, "kv_lora_rank": 512,

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-CORE = ["qroute.geometry", "qroute.costmodel", "qroute.corpus", "qroute.wire", "qroute.attention",
-        "qroute.rope", "qroute.errors", "qroute.cli"]
-TORCH_FREE = ["qroute.geometry", "qroute.costmodel", "qroute.corpus", "qroute.wire"]
+CORE = ["qroute.core.geometry", "qroute.core.costmodel", "qroute.core.corpus", "qroute.core.wire", "qroute.numerics.attention",
+        "qroute.numerics.rope", "qroute.errors", "qroute.ops.cli"]
+TORCH_FREE = ["qroute.core.geometry", "qroute.core.costmodel", "qroute.core.corpus", "qroute.core.wire"]
 
 BLOCKER = """
 import importlib, sys

@@ -1,4 +1,4 @@
-"""Tests for qroute.corpus: tokenization, layout, placement, directory."""
+"""Tests for qroute.core.corpus: tokenization, layout, placement, directory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from qroute.corpus import (
+from qroute.core.corpus import (
     FILE_HEADER,
     CorpusDirectory,
     CorpusLayout,
@@ -329,7 +329,7 @@ def test_version_hash_is_deterministic_and_sensitive() -> None:
 
 def _version_in_subprocess(tokens: list[int]) -> str:
     code = (
-        "import sys, json; from qroute.corpus import corpus_version, CorpusLayout;"
+        "import sys, json; from qroute.core.corpus import corpus_version, CorpusLayout;"
         "print(corpus_version(json.load(sys.stdin), CorpusLayout()))"
     )
     env = dict(os.environ, PYTHONHASHSEED="123")
@@ -339,7 +339,8 @@ def _version_in_subprocess(tokens: list[int]) -> str:
 
 
 def test_placement_is_deterministic_across_processes() -> None:
-    code = "from qroute.corpus import place_chunk; print([place_chunk('p', c, ['a','b','c'])[0] for c in range(50)])"
+    code = ("from qroute.core.corpus import place_chunk; "
+            "print([place_chunk('p', c, ['a','b','c'])[0] for c in range(50)])")
     env = dict(os.environ, PYTHONHASHSEED="7")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=Path(__file__).parents[1])
@@ -349,7 +350,7 @@ def test_placement_is_deterministic_across_processes() -> None:
 def test_core_imports_without_torch_or_engines() -> None:
     code = (
         "import sys; sys.modules.update(torch=None, vllm=None, sglang=None);"
-        "import qroute.corpus, qroute.wire;"
+        "import qroute.core.corpus, qroute.core.wire;"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

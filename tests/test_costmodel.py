@@ -3,8 +3,7 @@ import math
 
 import pytest
 
-from qroute.cli import main
-from qroute.costmodel import (
+from qroute.core.costmodel import (
     Decision,
     FabricProfile,
     Workload,
@@ -14,8 +13,9 @@ from qroute.costmodel import (
     load_fabric,
     save_fabric,
 )
+from qroute.core.geometry import MODELS_DIR, geometry_from_config
 from qroute.errors import ConfigError
-from qroute.geometry import MODELS_DIR, geometry_from_config
+from qroute.ops.cli import main
 
 V32 = geometry_from_config(MODELS_DIR / "deepseek-v3.2.json")  # 656 B/token, 1152 B query, 1028 B return
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from qroute.core.geometry import MODELS_DIR, geometry_from_config, model_fingerprint
 from qroute.errors import GeometryError
-from qroute.geometry import MODELS_DIR, geometry_from_config, model_fingerprint
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""qroute.refmodel: equals transformers' DeepseekV3ForCausalLM, and sharded corpus attention is exact."""
+"""qroute.reference.refmodel: equals transformers' DeepseekV3ForCausalLM, and sharded corpus attention is exact."""
 
 import json
 import random
@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from qroute.attention import merge, partial_attention, rotate_query_rope
 from qroute.errors import ConfigError
-from qroute.refmodel import RefMLAModel
-from qroute.rope import apply_rope
-from qroute.tinymodel import build_tiny_model
+from qroute.numerics.attention import merge, partial_attention, rotate_query_rope
+from qroute.numerics.rope import apply_rope
+from qroute.reference.refmodel import RefMLAModel
+from qroute.reference.tinymodel import build_tiny_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""qroute.rope: pure rotations that compose, and frequencies/scales equal to transformers' DeepSeek-V3."""
+"""qroute.numerics.rope: pure rotations that compose, and frequencies/scales equal to transformers' DeepSeek-V3."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qroute.errors import ConfigError
-from qroute.rope import (
+from qroute.numerics.rope import (
     apply_rope,
     rope_attention_factor,
     rope_inv_freq,
@@ -173,7 +173,7 @@ def test_errors_name_the_key():
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("shape", [(7, 4, 64), (7, 64)])
 def test_rerope_like_engine_moves_to_the_target_position(shape, interleaved):
-    from qroute.rope import engine_cos_sin, rerope_like_engine, rerope_with_tables
+    from qroute.numerics.rope import engine_cos_sin, rerope_like_engine, rerope_with_tables
 
     inv_freq = rope_inv_freq(DEFAULT_ROPE)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -190,7 +190,7 @@ def test_rerope_like_engine_moves_to_the_target_position(shape, interleaved):
 
 
 def test_engine_cos_sin_refuses_inexact_positions():
-    from qroute.rope import engine_cos_sin
+    from qroute.numerics.rope import engine_cos_sin
 
     inv_freq = rope_inv_freq(DEFAULT_ROPE)
     with pytest.raises(ConfigError, match="positions"):

@@ -7,14 +7,14 @@ import msgspec
 import pytest
 import torch
 
-from qroute import wire
-from qroute.attention import merge, partial_attention
-from qroute.costmodel import Decision, load_fabric
+from qroute.core import wire
+from qroute.core.costmodel import Decision, load_fabric
+from qroute.dataplane.peering import connect_owner, connect_owners, serve_owner
+from qroute.dataplane.router import Router, RouterConfig
+from qroute.dataplane.shard import corpus_positions
 from qroute.errors import HandshakeMismatch, QRouteError, RemoteError
-from qroute.peering import connect_owner, connect_owners, serve_owner
-from qroute.prepared import prepare_corpus
-from qroute.router import Router, RouterConfig
-from qroute.shard import corpus_positions
+from qroute.numerics.attention import merge, partial_attention
+from qroute.reference.prepared import prepare_corpus
 from qroute.transport.loopback import LoopbackTransport
 
 SECRET = b"test-secret"
@@ -88,7 +88,7 @@ def test_router_reproduces_dense_attention(prepared, cluster, mode, local):
 
 def test_position_shift_rotates_the_query(prepared, cluster):
     """Queries roped at own positions 0.. plus position_shift=N equal queries roped at N.."""
-    from qroute.rope import apply_rope
+    from qroute.numerics.rope import apply_rope
 
     router = make_router(prepared, cluster[3], mode="route")
     q_nope, q_raw = random_queries(prepared, num_rows=2, seed=3)

@@ -8,15 +8,15 @@ import time
 import pytest
 import torch
 
-from qroute import wire
-from qroute.attention import partial_attention
-from qroute.costmodel import load_fabric
+from qroute.core import wire
+from qroute.core.costmodel import load_fabric
+from qroute.dataplane.peering import connect_owners
+from qroute.dataplane.router import Router, RouterConfig
+from qroute.dataplane.shard import corpus_positions
 from qroute.errors import QRouteError
-from qroute.owner_process import start_owner
-from qroute.peering import connect_owners
-from qroute.prepared import prepare_corpus
-from qroute.router import Router, RouterConfig
-from qroute.shard import corpus_positions
+from qroute.numerics.attention import partial_attention
+from qroute.ops.owner_process import start_owner
+from qroute.reference.prepared import prepare_corpus
 from qroute.transport import get_transport
 
 SECRET = b"process-test-secret"

@@ -1,4 +1,4 @@
-"""Tests for qroute.tinymodel and qroute.tokenizer: determinism, caching, and loading in transformers."""
+"""Tests for qroute.reference.tinymodel and .tokenizer: determinism, caching, and loading in transformers."""
 
 import json
 import os
@@ -15,8 +15,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from qroute.errors import ConfigError  # noqa: E402
-from qroute.tinymodel import COMPLETE_MARKER, build_tiny_model, tiny_model_dir  # noqa: E402
-from qroute.tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402
+from qroute.reference.tinymodel import COMPLETE_MARKER, build_tiny_model, tiny_model_dir  # noqa: E402
+from qroute.reference.tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402
 
 PROMPTS = ["def foo(x):", "The quick brown fox", "Hello world. ", "import numpy as np\n"]
 NUM_GREEDY_STEPS = 16
@@ -91,7 +91,7 @@ def test_build_is_deterministic(tmp_path: Path, model_dir: Path) -> None:
 def test_build_is_deterministic_across_processes(tmp_path: Path, model_dir: Path) -> None:
     # A fresh interpreter has fresh hash seeds (tokenizers is Rust), and another trainer thread count.
     code = (
-        "import sys; from pathlib import Path; from qroute.tinymodel import build_tiny_model; "
+        "import sys; from pathlib import Path; from qroute.reference.tinymodel import build_tiny_model; "
         "build_tiny_model(Path(sys.argv[1]))"
     )
     env = {**os.environ, "RAYON_NUM_THREADS": "2"}

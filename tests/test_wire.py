@@ -1,4 +1,4 @@
-"""Tests for qroute.wire: round trips, validation, size bounds, fuzzing, handshake."""
+"""Tests for qroute.core.wire: round trips, validation, size bounds, fuzzing, handshake."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qroute import wire
-from qroute.errors import ConfigError, HandshakeMismatch, RemoteError, WireError
-from qroute.wire import (
+from qroute.core import wire
+from qroute.core.wire import (
     ErrorCode,
     ErrorReply,
     FetchReply,
@@ -27,6 +26,7 @@ from qroute.wire import (
     from_wire,
     to_wire,
 )
+from qroute.errors import ConfigError, HandshakeMismatch, RemoteError, WireError
 
 SECRET = b"s3cret"
 T, H, RANK, ROPE = 3, 4, 16, 8

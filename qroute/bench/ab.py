@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qroute.cluster import ClusterSpec, ClusterState, completion, http_json, start_cluster, stop_cluster
 from qroute.errors import QRouteError
+from qroute.ops.cluster import ClusterSpec, ClusterState, completion, http_json, start_cluster, stop_cluster
 
 
 def _group_peak_rss_mb(pid: int) -> float:
@@ -66,8 +66,8 @@ def _measure(state: ClusterState, prompt: list[int], max_tokens: int, params: di
 
 
 def run_ab(model_dir: Path, corpus: Path, *, max_tokens: int, repeats: int, base_port: int, log=print) -> dict:
-    from qroute.connectors.vllm_config import load_directory_for
-    from qroute.demo_core import question_ids
+    from qroute.core.config import load_directory_for
+    from qroute.ops.demo_core import question_ids
 
     token_ids, _ = load_directory_for(model_dir, corpus, name="corpus", instances=["i0"])
     corpus_ids = token_ids.tolist()
@@ -129,8 +129,8 @@ def run_ab(model_dir: Path, corpus: Path, *, max_tokens: int, repeats: int, base
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qroute.cluster_cli import model_dir_or_tiny
-    from qroute.demo_core import default_corpus
+    from qroute.ops.cluster_cli import model_dir_or_tiny
+    from qroute.ops.demo_core import default_corpus
 
     report = run_ab(model_dir_or_tiny(args.model_dir), Path(args.corpus).resolve() if args.corpus else default_corpus(),
                     max_tokens=args.max_tokens, repeats=args.repeats, base_port=args.base_port,

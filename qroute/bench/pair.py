@@ -2,7 +2,7 @@
 
 The owner is a real ``qroute owner`` process (``start_owner``) holding a whole generated corpus; the requester
 is this process and holds nothing (it plans the corpus for the handshake but never prefills it). The timed
-operations are the router's hot path (``qroute/router.py``), written out so each step can be timed alone:
+operations are the router's hot path (``qroute/dataplane/router.py``), written out so each step can be timed alone:
 
 - route: ``RouteRequest`` of ``[B, H, *]`` query rows (``to_wire``) -> ``encode`` -> ``call`` -> ``decode``;
   ``route_part`` adds ``as_torch`` of the reply (the part the router merges);
@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qroute import wire
-from qroute.attention import Part, partial_attention
-from qroute.corpus import CorpusDirectory
+from qroute.core import wire
+from qroute.core.corpus import CorpusDirectory
+from qroute.core.geometry import MLAGeometry, geometry_from_config, load_config
+from qroute.dataplane.owner import AttentionParams, compat_for
+from qroute.dataplane.peering import connect_owner
+from qroute.dataplane.shard import BlockRows, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError
-from qroute.geometry import MLAGeometry, geometry_from_config, load_config
-from qroute.owner import AttentionParams, compat_for
-from qroute.owner_process import OwnerProcess, start_owner
-from qroute.peering import connect_owner
-from qroute.shard import BlockRows, byte_ranges, region_name, shard_layout
+from qroute.numerics.attention import Part, partial_attention
+from qroute.ops.owner_process import OwnerProcess, start_owner
 from qroute.transport import Connection, Transport, get_transport
 
 OWNER = "owner"
@@ -103,8 +103,8 @@ class Pair:
 
 def open_pair(kind: str, *, workdir: Path, num_tokens: int, transport_opts: dict | None = None) -> Pair:
     """Start an owner process holding a generated corpus of ``num_tokens`` tokens and connect to it."""
-    from qroute.prepared import plan_corpus
-    from qroute.tinymodel import build_tiny_model
+    from qroute.reference.prepared import plan_corpus
+    from qroute.reference.tinymodel import build_tiny_model
 
     model_dir = build_tiny_model(dtype="float32")
     corpus = write_corpus(workdir / "corpus", num_tokens)

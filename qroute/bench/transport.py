@@ -39,8 +39,8 @@ def _time(fn, iters: int, warmup: int = 50) -> list[float]:
 
 
 def _measure_pair(kind: str, workdir: Path, heads: int, tokens: int, iters: int) -> dict[str, Any]:
-    from qroute import wire
     from qroute.bench.pair import fetch_rows, open_pair, queries, route_request, select_blocks, summary_us
+    from qroute.core import wire
     from qroute.transport import SupportsRawPing
 
     with open_pair(kind, workdir=workdir / kind, num_tokens=max(4 * tokens, 256)) as pair:
@@ -86,11 +86,11 @@ def _breakdown(workdir: Path, heads: int, tokens: int, iters: int) -> dict[str, 
     """The route's pieces, timed in this process with the owner's own code."""
     import torch
 
-    from qroute import wire
-    from qroute.attention import partial_attention
     from qroute.bench.pair import BLOCKS_PER_CHUNK, queries, select_blocks, summary_us, write_corpus
-    from qroute.prepared import prepare_corpus
-    from qroute.tinymodel import build_tiny_model
+    from qroute.core import wire
+    from qroute.numerics.attention import partial_attention
+    from qroute.reference.prepared import prepare_corpus
+    from qroute.reference.tinymodel import build_tiny_model
 
     num_tokens = max(4 * tokens, 256)
     corpus = write_corpus(workdir / "local-corpus", num_tokens)

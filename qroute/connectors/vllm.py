@@ -2,7 +2,7 @@
 
 Enabled by ``--kv-transfer-config '{"kv_connector": "QRouteConnector", "kv_connector_module_path":
 "qroute.connectors.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {...}}'`` (keys:
-``qroute.connectors.vllm_config``). vLLM builds one instance per role: the SCHEDULER one (EngineCore
+``qroute.core.config``). vLLM builds one instance per role: the SCHEDULER one (EngineCore
 process) forwards to ``QRouteSchedulerSide``, the WORKER one (Worker process) to ``QRouteWorkerSide``.
 Nothing is loaded into vLLM's paged cache: ``get_num_new_matched_tokens`` is always ``(0, False)``; the
 corpus is attended by the attention backend (``qroute.plugin.vllm_backend``), which reaches the worker
@@ -23,10 +23,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from qroute.connectors.vllm_config import QRouteConfig, load_directory
 from qroute.connectors.vllm_meta import QRouteStepMeta
 from qroute.connectors.vllm_scheduler import QRouteSchedulerSide
 from qroute.connectors.vllm_worker import QRouteWorkerSide
+from qroute.core.config import QRouteConfig, load_directory
 from qroute.errors import ConfigError
 from qroute.plugin.vllm import ensure_active
 

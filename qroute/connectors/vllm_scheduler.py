@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qroute.connectors.vllm_config import MODES, QRouteConfig
 from qroute.connectors.vllm_meta import (
     COUNTERS,
     QRouteStepMeta,
@@ -36,7 +35,8 @@ from qroute.connectors.vllm_meta import (
     computed_block,
     first_slot,
 )
-from qroute.corpus import CorpusDirectory
+from qroute.core.config import MODES, QRouteConfig
+from qroute.core.corpus import CorpusDirectory
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheManager

@@ -27,18 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
-from qroute.attention import Part
-from qroute.connectors.owner_links import OwnerLinks
-from qroute.connectors.vllm_config import QRouteConfig
 from qroute.connectors.vllm_meta import QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
-from qroute.corpus import CorpusDirectory
-from qroute.costmodel import Decision, load_fabric
+from qroute.core.config import QRouteConfig
+from qroute.core.corpus import CorpusDirectory
+from qroute.core.costmodel import Decision, load_fabric
+from qroute.core.geometry import geometry_from_config, load_config
+from qroute.dataplane.owner import AttentionParams, OwnerService, compat_for
+from qroute.dataplane.owner_links import OwnerLinks
+from qroute.dataplane.router import Router, RouterConfig, StepPlan
+from qroute.dataplane.shard import CorpusShard, shard_layout
 from qroute.errors import ConfigError, QRouteError
-from qroute.geometry import geometry_from_config, load_config
-from qroute.owner import AttentionParams, OwnerService, compat_for
-from qroute.rope import engine_cos_sin, rerope_with_tables
-from qroute.router import Router, RouterConfig, StepPlan
-from qroute.shard import CorpusShard, shard_layout
+from qroute.numerics.attention import Part
+from qroute.numerics.rope import engine_cos_sin, rerope_with_tables
 
 logger = logging.getLogger("vllm.qroute")
 

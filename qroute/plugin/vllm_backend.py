@@ -8,7 +8,7 @@ metadata builder; ``get_name()`` stays ``"CPU_MLA"``. Only an instance whose ``-
 
 Where qroute is configured, **every** query row (prefill and decode) is absorbed and goes to
 ``forward_mqa`` (builder: ``query_len_support = VARLEN``, ``reorder_batch_threshold = 1 << 30``,
-docs/vllm-internals.md (a)), which per request merges exactly (``qroute.attention.merge``):
+docs/vllm-internals.md (a)), which per request merges exactly (``qroute.numerics.attention.merge``):
 
 - the own part: causal absorbed attention over the request's own tokens in the paged cache (row ``j`` of
   a request with ``qlen`` rows and ``seq_len`` tokens sees own positions ``<= seq_len - qlen + j``);
@@ -30,8 +30,8 @@ from vllm.model_executor.layers.attention.mla_attention import (
 )
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from qroute.attention import Part, merge, partial_attention
 from qroute.errors import ConfigError
+from qroute.numerics.attention import Part, merge, partial_attention
 from qroute.plugin.vllm import ensure_active, qroute_configured
 
 if TYPE_CHECKING:

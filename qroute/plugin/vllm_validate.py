@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from qroute.connectors.vllm_config import CORPORA_ENV, MODES, corpus_names_from_argv
+from qroute.core.config import CORPORA_ENV, MODES, corpus_names_from_argv
 from qroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class CorpusValidator(LogitsProcessor):
             raise ValueError(f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
         corpus = params.get("corpus")
         if corpus is not None and not isinstance(corpus, str):
-            raise ValueError(f"kv_transfer_params.qroute.corpus must be a corpus name or null, got {corpus!r}")
+            raise ValueError(f"kv_transfer_params.qroute.core.corpus must be a corpus name or null, got {corpus!r}")
         known = known_corpora()
         if corpus is not None and known is not None and corpus not in known:
             raise ValueError(f"unknown corpus {corpus!r}; this instance serves {sorted(known)}")

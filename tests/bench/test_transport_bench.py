@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qroute.cli import main
 from qroute.errors import ConfigError
+from qroute.ops.cli import main
 
 
 def _have_nixl() -> bool:

@@ -38,7 +38,7 @@ def vllm() -> ModuleType:
 @pytest.fixture(scope="session")
 def tiny_fp32_model() -> Path:
     """The cached float32 tiny DeepSeek-V3 model (2 layers, hidden 256, 4 heads)."""
-    from qroute.tinymodel import build_tiny_model
+    from qroute.reference.tinymodel import build_tiny_model
 
     return build_tiny_model(dtype="float32")
 

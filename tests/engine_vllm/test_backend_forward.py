@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from qroute.attention import partial_attention
+from qroute.numerics.attention import partial_attention
 
 HEADS, RANK, ROPE, BLOCK = 4, 512, 64, 16
 SCALE = 128**-0.5

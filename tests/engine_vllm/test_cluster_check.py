@@ -4,7 +4,7 @@ unknown corpus is an HTTP 400. One reference instance, then two qroute instances
 
 import pytest
 
-from qroute.check import TOLERANCE, run_check
+from qroute.ops.check import TOLERANCE, run_check
 
 
 @pytest.fixture(scope="module")

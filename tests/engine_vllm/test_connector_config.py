@@ -1,4 +1,4 @@
-"""qroute.connectors.vllm_config: the connector's extra config, validated with errors naming the key.
+"""qroute.core.config: the connector's extra config, validated with errors naming the key.
 
 Engine-free (the launcher imports the same module), so these run without vLLM.
 """
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from qroute.connectors.vllm_config import QRouteConfig, corpus_names_from_argv, load_directory
+from qroute.core.config import QRouteConfig, corpus_names_from_argv, load_directory
 from qroute.errors import ConfigError
 
 

@@ -16,7 +16,7 @@ BLOCK = 16
 @pytest.fixture(scope="module")
 def sides(vllm, tiny_model_dir, sample_corpus):
     from qroute.connectors import vllm_meta, vllm_scheduler
-    from qroute.connectors.vllm_config import QRouteConfig, load_directory
+    from qroute.core.config import QRouteConfig, load_directory
 
     extra = {"instance_id": "a", "instances": {"a": "127.0.0.1:7001", "b": "127.0.0.1:7002"},
              "corpus": {"name": "repo", "path": str(sample_corpus), "blocks_per_chunk": 2}}  # fmt: skip

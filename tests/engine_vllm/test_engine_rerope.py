@@ -1,4 +1,4 @@
-"""qroute.rope.rerope_like_engine against vLLM's own rotary embedding: moving a query roped at its local
+"""qroute.numerics.rope.rerope_like_engine against vLLM's own rotary embedding: moving a query roped at its local
 position ``i`` to ``N + i`` gives what vLLM computes when it ropes the raw query at ``N + i`` (the exactness
 reference), closer than the float64-angle ``apply_rope`` path."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qroute.rope import apply_rope, rerope_like_engine, rope_inv_freq
+from qroute.numerics.rope import apply_rope, rerope_like_engine, rope_inv_freq
 
 ROPE, HEADS, N = 64, 4, 5000
 CONFIG = {"rope_theta": 10000.0, "qk_rope_head_dim": ROPE, "qk_nope_head_dim": 64}
@@ -42,7 +42,7 @@ def test_rerope_matches_the_engine_roping_at_the_target(vllm_rope):
 
 
 def test_engine_table_is_vllms(vllm_rope):
-    from qroute.rope import engine_cos_sin
+    from qroute.numerics.rope import engine_cos_sin
 
     positions = torch.arange(0, 8192, 7)
     cos, sin = engine_cos_sin(positions, rope_inv_freq(CONFIG))

@@ -18,7 +18,7 @@ PROMPT = [5, 17, 42, 99, 7, 3, 11, 23]
 
 @pytest.fixture(scope="module")
 def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
-    from qroute.cluster import ClusterSpec, start_cluster, stop_cluster
+    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
@@ -32,7 +32,7 @@ def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
 
 
 def test_unreachable_owner_fails_the_request_and_the_instance_keeps_serving(cluster):
-    from qroute.cluster import http_json
+    from qroute.ops.cluster import http_json
 
     i0, i1 = cluster.instances
     os.killpg(i1.pid, signal.SIGKILL)

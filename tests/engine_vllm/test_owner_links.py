@@ -1,4 +1,4 @@
-"""qroute.connectors.owner_links over real TCP: owners on their configured ports, peers that start late,
+"""qroute.dataplane.owner_links over real TCP: owners on their configured ports, peers that start late,
 bounded waits, and reconnection after a peer restarts. Engine-free (runs without vLLM)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from qroute.connectors.owner_links import OwnerLinks
-from qroute.connectors.vllm_config import QRouteConfig
-from qroute.corpus import build_directory
-from qroute.owner import AttentionParams, OwnerService, compat_for
-from qroute.shard import CorpusShard, shard_layout
+from qroute.core.config import QRouteConfig
+from qroute.core.corpus import build_directory
+from qroute.dataplane.owner import AttentionParams, OwnerService, compat_for
+from qroute.dataplane.owner_links import OwnerLinks
+from qroute.dataplane.shard import CorpusShard, shard_layout
 
 SECRET = b"links-secret"
 

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from qroute.rope import apply_rope, rope_attention_factor, rope_inv_freq
+from qroute.numerics.rope import apply_rope, rope_attention_factor, rope_inv_freq
 
 NUM_TOKENS, NUM_HEADS, NOPE, ROPE, KV_LORA = 12, 4, 64, 64, 512
 # vLLM forms angles in float32 (cos_sin_cache), the reference in float64: ~1e-4 apart at positions < 1000.

@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qroute.cluster import ClusterSpec, completion, http_json, start_cluster, stop_cluster
 from qroute.errors import QRouteError
+from qroute.ops.cluster import ClusterSpec, completion, http_json, start_cluster, stop_cluster
 
 QUESTION = "Which function computes the area of a circle, and what does it return?"
 MODES = ("route", "fetch", "auto")
@@ -47,8 +47,8 @@ def run_check(
     transport: str = "tcp",
     log=print,
 ) -> dict[str, Any]:
-    from qroute.connectors.vllm_config import load_directory_for
-    from qroute.demo_core import question_ids
+    from qroute.core.config import load_directory_for
+    from qroute.ops.demo_core import question_ids
 
     ids = [f"i{k}" for k in range(num_instances)]
     token_ids, directory = load_directory_for(model_dir, corpus_dir, name="corpus", instances=ids)
@@ -107,7 +107,7 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qroute.cluster_cli import model_dir_or_tiny
+    from qroute.ops.cluster_cli import model_dir_or_tiny
 
     report = run_check(model_dir_or_tiny(args.model_dir), Path(args.corpus).resolve(),
                        num_instances=args.instances, max_tokens=args.max_tokens, transport=args.transport,

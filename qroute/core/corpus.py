@@ -463,7 +463,7 @@ def place_model_corpus(
     """Tokenize ``corpus_dir`` with the model's tokenizer and place it: ``(token_ids [num_tokens] int64,
     directory)``. Every instance, the launcher and the tests call this, so all build the same directory
     (instances sorted, the model's fingerprint). ``max_tokens`` keeps only the first tokens."""
-    from qroute.geometry import model_fingerprint
+    from qroute.core.geometry import model_fingerprint
 
     encoder = load_encoder(model_dir)
     token_ids = tokenize_corpus(Path(corpus_dir), encoder, sep_ids=encoder.sep_ids).token_ids[:max_tokens]

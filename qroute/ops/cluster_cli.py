@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from qroute.cluster import ClusterSpec, ClusterState, healthy, pid_alive, start_cluster, state_dir, stop_cluster
 from qroute.errors import ConfigError
+from qroute.ops.cluster import ClusterSpec, ClusterState, healthy, pid_alive, start_cluster, state_dir, stop_cluster
 
 
 def model_dir_or_tiny(model_dir: str | None) -> Path:
     if model_dir:
         return Path(model_dir)
-    from qroute.tinymodel import build_tiny_model
+    from qroute.reference.tinymodel import build_tiny_model
 
     return build_tiny_model(dtype="float32")
 

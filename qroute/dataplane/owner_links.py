@@ -14,11 +14,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from qroute.connectors.vllm_config import QRouteConfig
-from qroute.corpus import CorpusDirectory
+from qroute.core.config import QRouteConfig
+from qroute.core.corpus import CorpusDirectory
+from qroute.dataplane.owner import OwnerService
+from qroute.dataplane.peering import connect_owner, serve_owner
 from qroute.errors import HandshakeMismatch, QRouteError
-from qroute.owner import OwnerService
-from qroute.peering import connect_owner, serve_owner
 from qroute.transport import Connection, Server, Transport, get_transport
 
 logger = logging.getLogger("vllm.qroute")

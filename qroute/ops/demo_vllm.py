@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from qroute.cluster import ClusterSpec, start_cluster, stop_cluster
+from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
 
 QUESTIONS = [
     "Where does the module define the connect function?",
@@ -40,7 +40,7 @@ def _ask(client, question: str, mode: str, max_tokens: int):
 def run_vllm_demo(*, corpus: Path, transport: str, max_tokens: int, base_port: int = 8200, out=sys.stdout) -> int:
     from openai import OpenAI
 
-    from qroute.tinymodel import build_tiny_model
+    from qroute.reference.tinymodel import build_tiny_model
 
     model_dir = build_tiny_model(dtype="float32")
     print(f"model: {model_dir}\ncorpus: {corpus}", file=out)

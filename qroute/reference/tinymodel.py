@@ -2,7 +2,7 @@
 
 ``build_tiny_model(...)`` writes a directory that ``transformers`` and vLLM load offline:
 ``config.json``, ``model.safetensors`` (one file, HF DeepSeek-V3 checkpoint names), ``generation_config.json``
-and the tokenizer files from ``qroute.tokenizer``. The same arguments always give the same bytes.
+and the tokenizer files from ``qroute.reference.tokenizer``. The same arguments always give the same bytes.
 
 Weights are drawn from one ``torch.Generator`` seeded with ``seed``, tensor by tensor in a fixed
 order: normal(0, 0.02) for matrices, 1 for norms, 0 for the router bias, and ``lm_head`` multiplied
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qroute.errors import ConfigError
-from qroute.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, build_tokenizer
+from qroute.reference.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, build_tokenizer
 
 # Bump on any change to what the builder writes, so that cached models are rebuilt.
 BUILDER_VERSION = 1

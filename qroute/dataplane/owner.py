@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qroute import wire
-from qroute.attention import partial_attention, rotate_query_rope
-from qroute.corpus import CorpusDirectory
+from qroute.core import wire
+from qroute.core.corpus import CorpusDirectory
+from qroute.dataplane.shard import CorpusShard, corpus_positions
 from qroute.errors import HandshakeMismatch, QRouteError, WireError
-from qroute.shard import CorpusShard, corpus_positions
+from qroute.numerics.attention import partial_attention, rotate_query_rope
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class AttentionParams:
 
     @classmethod
     def from_config(cls, config: dict) -> AttentionParams:
-        from qroute.rope import rope_inv_freq, rope_is_interleaved, softmax_scale
+        from qroute.numerics.rope import rope_inv_freq, rope_is_interleaved, softmax_scale
 
         return cls(
             softmax_scale(config), int(config["kv_lora_rank"]), rope_inv_freq(config), rope_is_interleaved(config)

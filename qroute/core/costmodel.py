@@ -33,10 +33,10 @@ from typing import Any
 
 import yaml
 
+from qroute.core.geometry import MLAGeometry
 from qroute.errors import ConfigError
-from qroute.geometry import MLAGeometry
 
-FABRICS_DIR = Path(__file__).resolve().parent.parent / "configs" / "fabrics"
+FABRICS_DIR = Path(__file__).resolve().parents[2] / "configs" / "fabrics"
 
 
 class Decision(StrEnum):

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qroute.attention import merge, partial_attention
-from qroute.corpus import CorpusDirectory
+from qroute.core.corpus import CorpusDirectory
 from qroute.errors import ConfigError, CorpusError
-from qroute.refmodel import RefMLAModel
+from qroute.numerics.attention import merge, partial_attention
+from qroute.reference.refmodel import RefMLAModel
 
 BlockRows = dict[int, tuple[int, int]]  # block id -> (first row in the shard, number of tokens)
 

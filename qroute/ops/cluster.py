@@ -262,7 +262,7 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
 
 def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
     """Start the instances, wait for them, prefill the corpus; stops everything again on failure."""
-    from qroute.connectors.vllm_config import load_directory_for
+    from qroute.core.config import load_directory_for
 
     state = ClusterState(
         model_dir=str(spec.model_dir),

@@ -10,7 +10,7 @@ Per layer, with ``T`` tokens, ``H`` heads, ``R`` = kv_lora_rank, ``P`` = qk_rope
   de-interleaves q and k alike, which leaves scores unchanged).
 - ``q_nope [T, H, R]`` float32: q_nope absorbed through W_UK (from ``kv_b_proj``).
 - ``q_pe [T, H, P]`` float32: roped at the token's position.
-- the attention part ``(out [T, H, R], lse [T, H])`` float32, natural-log LSE (``qroute.attention``).
+- the attention part ``(out [T, H, R], lse [T, H])`` float32, natural-log LSE (``qroute.numerics.attention``).
 
 ``attend(layer, q_nope, q_pe, own_latents, q_positions) -> (out, lse)`` decides what each layer attends
 to; the default is causal attention over the call's own tokens. Weights load from an HF DeepSeek-V3
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qroute.attention import Part, partial_attention
 from qroute.errors import ConfigError
-from qroute.rope import apply_rope, rope_attention_factor, rope_inv_freq, rope_is_interleaved, softmax_scale
+from qroute.numerics.attention import Part, partial_attention
+from qroute.numerics.rope import apply_rope, rope_attention_factor, rope_inv_freq, rope_is_interleaved, softmax_scale
 
 __all__ = ["Attend", "RefMLAModel"]
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qroute.demo_core import default_corpus
+    from qroute.ops.demo_core import default_corpus
 
     corpus = Path(args.corpus).resolve() if args.corpus else default_corpus()
     if args.engine == "core":
-        from qroute.demo_core import run_core_demo
+        from qroute.ops.demo_core import run_core_demo
 
         return run_core_demo(corpus=corpus, transport=args.transport, max_new=args.max_tokens,
                              max_corpus_tokens=args.max_corpus_tokens)  # fmt: skip
-    from qroute.demo_vllm import run_vllm_demo
+    from qroute.ops.demo_vllm import run_vllm_demo
 
     return run_vllm_demo(corpus=corpus, transport=args.transport, max_tokens=args.max_tokens)
 

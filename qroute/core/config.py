@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from qroute.corpus import CorpusDirectory, place_model_corpus
+from qroute.core.corpus import CorpusDirectory, place_model_corpus
 from qroute.errors import ConfigError
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "load_directory_for",
 ]
 
-MODES = ("auto", "route", "fetch", "local")  # same as qroute.router.MODES (router imports torch)
+MODES = ("auto", "route", "fetch", "local")  # same as qroute.dataplane.router.MODES (router imports torch)
 TRANSPORTS = ("tcp", "nixl")
 BLOCK_SIZE = 16  # corpus block = vLLM's CPU MLA block size
 CORPORA_ENV = "QROUTE_CORPORA"  # comma-separated corpus names, for the API server's validator

@@ -42,8 +42,8 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from qroute.peering import serve_owner
-    from qroute.prepared import prepare_corpus
+    from qroute.dataplane.peering import serve_owner
+    from qroute.reference.prepared import prepare_corpus
     from qroute.transport import get_transport
 
     instances = args.instances.split(",")
@@ -123,7 +123,7 @@ def start_owner(
 ) -> OwnerProcess:
     """Start an owner process and wait for its address line; raises if it dies or is silent."""
     cmd = [
-        sys.executable, "-m", "qroute.cli", "owner", "--instance", instance, "--transport", transport,
+        sys.executable, "-m", "qroute.ops.cli", "owner", "--instance", instance, "--transport", transport,
         "--model-dir", str(model_dir), "--corpus", str(corpus), "--instances", ",".join(instances),
         "--replicas", str(replicas), "--blocks-per-chunk", str(blocks_per_chunk),
     ]  # fmt: skip

@@ -15,7 +15,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_model_build(args: argparse.Namespace) -> int:
-    from qroute.tinymodel import build_tiny_model
+    from qroute.reference.tinymodel import build_tiny_model
 
     path = build_tiny_model(
         Path(args.out) if args.out else None,
@@ -31,8 +31,8 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from qroute.costmodel import Workload, costs, crossover_tokens, load_fabric
-    from qroute.geometry import geometry_from_config
+    from qroute.core.costmodel import Workload, costs, crossover_tokens, load_fabric
+    from qroute.core.geometry import geometry_from_config
 
     geometry = geometry_from_config(args.model, cache_dtype=args.cache_dtype)
     fabric = load_fabric(args.fabric)
@@ -128,13 +128,13 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands defined next to the code they drive (data plane, cluster, demo)."""
     registrars = []
     for module_name in (
-        "qroute.owner_process",
-        "qroute.calibrate",
+        "qroute.ops.owner_process",
+        "qroute.ops.calibrate",
         "qroute.bench.transport",
         "qroute.bench.ab",
-        "qroute.cluster_cli",
-        "qroute.check",
-        "qroute.demo",
+        "qroute.ops.cluster_cli",
+        "qroute.ops.check",
+        "qroute.ops.demo",
     ):
         try:
             module = __import__(module_name, fromlist=["add_cli"])

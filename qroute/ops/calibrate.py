@@ -2,7 +2,7 @@
 
 An owner runs as a real separate process on loopback (``qroute.bench.pair``); this process is the requester.
 Two sweeps of the same four operations, with different sizes: the *fit* sweep gives the coefficients
-(``qroute.costfit``), the *held-out* sweep checks the cost model's ``route_us`` / ``fetch_us`` against
+(``qroute.core.costfit``), the *held-out* sweep checks the cost model's ``route_us`` / ``fetch_us`` against
 measurements it was not fitted to.
 
 - route:   B query rows x H heads to the owner, which attends n tokens; the reply decoded and merged
@@ -95,8 +95,8 @@ def _ops(pair, points: tuple[Point, ...]) -> list:
     """A zero-argument callable per point, with inputs made beforehand."""
     import torch
 
-    from qroute.attention import merge, partial_attention
     from qroute.bench.pair import fetch_part, queries, route_part, select_blocks
+    from qroute.numerics.attention import merge, partial_attention
 
     g, p = pair.geometry, pair.params
     block = pair.directory.block_size
@@ -126,7 +126,7 @@ def measure(pair, points: tuple[Point, ...], reps: int, warmup: int, seed: int) 
     import statistics
 
     from qroute.bench.pair import time_interleaved
-    from qroute.costfit import Sample
+    from qroute.core.costfit import Sample
 
     block = pair.directory.block_size
     samples = {}
@@ -149,7 +149,7 @@ def calibrate(kind: str, *, quick: bool = False, reps: int | None = None, name: 
     import torch
 
     from qroute.bench.pair import open_pair
-    from qroute.costfit import check, fit_profile, rounded
+    from qroute.core.costfit import check, fit_profile, rounded
     from qroute.transport import SupportsRawPing
 
     torch.set_num_threads(1)  # the owner process needs the other core
@@ -224,7 +224,7 @@ def _print_report(report: dict[str, Any], out: TextIO | None = None) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from qroute.costmodel import FabricProfile, save_fabric
+    from qroute.core.costmodel import FabricProfile, save_fabric
 
     report = calibrate(args.transport, quick=args.quick, reps=args.reps, name=args.name)
     if args.out:

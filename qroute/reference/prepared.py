@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from qroute.corpus import CorpusDirectory, place_model_corpus
-from qroute.geometry import MLAGeometry, geometry_from_config
-from qroute.owner import AttentionParams, OwnerService, compat_for
-from qroute.refmodel import RefMLAModel
-from qroute.shard import CorpusShard, build_shard, prefill_corpus
+from qroute.core.corpus import CorpusDirectory, place_model_corpus
+from qroute.core.geometry import MLAGeometry, geometry_from_config
+from qroute.dataplane.owner import AttentionParams, OwnerService, compat_for
+from qroute.dataplane.shard import CorpusShard, build_shard, prefill_corpus
+from qroute.reference.refmodel import RefMLAModel
 
 
 @dataclass

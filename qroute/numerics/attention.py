@@ -20,7 +20,7 @@ import math
 import torch
 
 from qroute.errors import ConfigError
-from qroute.rope import apply_rope
+from qroute.numerics.rope import apply_rope
 
 __all__ = ["empty_part", "lse_from_base2", "merge", "partial_attention", "rotate_query_rope"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from qroute import wire
-from qroute.corpus import CorpusDirectory
+from qroute.core import wire
+from qroute.core.corpus import CorpusDirectory
+from qroute.dataplane.owner import OwnerService
 from qroute.errors import HandshakeMismatch
-from qroute.owner import OwnerService
 from qroute.transport.base import Connection, Server, Transport
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qroute.attention import merge
+from qroute.numerics.attention import merge
 
 QUESTIONS = [
     "Where does the module define the connect function?",
@@ -64,7 +64,7 @@ def greedy(model, prompt: list[int], max_new: int, attend=None, position_shift: 
 def _whole_corpus_attend(model, all_rows: list[torch.Tensor]):
     """One instance holding the whole corpus as a cached prompt prefix: own tokens sit at their global
     positions after it, and attend to it and causally to themselves (no rotation, no routing)."""
-    from qroute.attention import partial_attention
+    from qroute.numerics.attention import partial_attention
 
     def attend(layer, q_nope, q_pe, own, q_positions):
         rows = all_rows[layer]
@@ -95,12 +95,12 @@ def run_core_demo(
 ) -> int:
     from transformers import AutoTokenizer
 
-    from qroute.costmodel import load_fabric
-    from qroute.owner_process import start_owner
-    from qroute.peering import connect_owners
-    from qroute.prepared import prepare_corpus
-    from qroute.router import Router, RouterConfig
-    from qroute.tinymodel import build_tiny_model
+    from qroute.core.costmodel import load_fabric
+    from qroute.dataplane.peering import connect_owners
+    from qroute.dataplane.router import Router, RouterConfig
+    from qroute.ops.owner_process import start_owner
+    from qroute.reference.prepared import prepare_corpus
+    from qroute.reference.tinymodel import build_tiny_model
     from qroute.transport import get_transport
 
     torch.set_num_threads(1)  # the owner process needs the other core

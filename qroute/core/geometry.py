@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CACHE_DTYPES = (*DTYPE_BYTES, "fp8_ds_mla")
 LSE_BYTES = 4  # the returned log-sum-exp is fp32 per head
 # Geometries of well-known models shipped with the repository (config values only).
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 @dataclass(frozen=True)

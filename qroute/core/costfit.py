@@ -1,6 +1,6 @@
 """Fitting a ``FabricProfile`` to measured operation times, and checking the cost model against others.
 
-Four kinds of measured operation (``Sample.op``), each a sum of cost-model terms (``qroute/costmodel.py``):
+Four kinds of measured operation (``Sample.op``), each a sum of cost-model terms (``qroute/core/costmodel.py``):
 
     compute  compute(B, n)                        = c_fixed + c_tok*n + c_th*B*H*n
     merge    merge(B)                             = m_fixed + m_row*B*H
@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qroute.costmodel import FabricProfile, Workload, fetch_terms, route_terms
+from qroute.core.costmodel import FabricProfile, Workload, fetch_terms, route_terms
+from qroute.core.geometry import MLAGeometry
 from qroute.errors import ConfigError
-from qroute.geometry import MLAGeometry
 
 OPS = ("route", "fetch", "compute", "merge")
 # Coefficients in the order of the design matrix's columns, in the profile's units.

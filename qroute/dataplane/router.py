@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qroute import wire
-from qroute.attention import Part, empty_part, merge, partial_attention, rotate_query_rope
-from qroute.blockcache import BlockCache
-from qroute.corpus import CorpusDirectory
-from qroute.costmodel import Decision, FabricProfile, Workload, costs
+from qroute.core import wire
+from qroute.core.corpus import CorpusDirectory
+from qroute.core.costmodel import Decision, FabricProfile, Workload, costs
+from qroute.core.geometry import MLAGeometry
+from qroute.dataplane.blockcache import BlockCache
+from qroute.dataplane.owner import AttentionParams
+from qroute.dataplane.shard import BlockRows, CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
-from qroute.geometry import MLAGeometry
-from qroute.owner import AttentionParams
-from qroute.shard import BlockRows, CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
+from qroute.numerics.attention import Part, empty_part, merge, partial_attention, rotate_query_rope
 
 logger = logging.getLogger(__name__)
 
