@@ -4,6 +4,8 @@ Every failure qroute raises on purpose is a ``QRouteError``; callers at the engi
 that one class and report the failure as data.
 """
 
+import enum
+
 
 class QRouteError(Exception):
     """Base of every error qroute raises on purpose."""
@@ -41,10 +43,30 @@ class RemoteDisconnected(TransportError, ConnectionError):
     """The peer went away."""
 
 
+class ErrorCode(enum.IntEnum):
+    """Every typed failure a peer reports: one enum for the transport's ERROR frames and the owner's
+    ``wire.ErrorReply``. Values are on the wire: never renumber, only append."""
+
+    # the transport (ERROR frames, transport/frames.py)
+    HANDLER = 1  # the owner's handler raised
+    REFUSED = 2  # over the owner's size limit, or refused before the handler ran
+    HANDSHAKE = 3  # authentication or the hello failed
+    PROTOCOL = 4  # an unexpected or malformed frame
+    # the owner service (wire.ErrorReply)
+    UNKNOWN_CORPUS = 10
+    BAD_REQUEST = 11
+    OVERLOADED = 12
+    DEADLINE = 13
+    INTERNAL = 14
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
 class RemoteError(QRouteError):
     """The peer answered with a typed error (see ``wire.ErrorReply``)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

@@ -66,10 +66,10 @@ def _measure(state: ClusterState, prompt: list[int], max_tokens: int, params: di
 
 
 def run_ab(model_dir: Path, corpus: Path, *, max_tokens: int, repeats: int, base_port: int, log=print) -> dict:
-    from qroute.core.config import load_directory_for
+    from qroute.core.corpus import place_model_corpus
     from qroute.ops.demo_core import question_ids
 
-    token_ids, _ = load_directory_for(model_dir, corpus, name="corpus", instances=["i0"])
+    token_ids, _ = place_model_corpus(model_dir, corpus, name="corpus", instances=["i0"])
     corpus_ids = token_ids.tolist()
     prompt = question_ids(model_dir, "Which function opens a connection, and what does it return?")
     need = len(corpus_ids) + len(prompt) + max_tokens

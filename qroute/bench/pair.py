@@ -13,26 +13,26 @@ Both processes run torch with one thread: they share the machine's cores with ea
 
 from __future__ import annotations
 
-import itertools
 import random
 import secrets
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qroute.core import wire
-from qroute.core.corpus import CorpusDirectory
+from qroute.core.corpus import place_model_corpus
+from qroute.core.costmodel import load_fabric
 from qroute.core.geometry import MLAGeometry, geometry_from_config, load_config
-from qroute.dataplane.owner import AttentionParams, compat_for
+from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.peering import connect_owner
-from qroute.dataplane.shard import BlockRows, byte_ranges, region_name, shard_layout
+from qroute.dataplane.router import Router, RouterConfig
+from qroute.dataplane.shard import compat_for
 from qroute.errors import ConfigError
-from qroute.numerics.attention import Part, partial_attention
+from qroute.numerics.attention import AttentionParams
 from qroute.ops.owner_process import OwnerProcess, start_owner
 from qroute.transport import Connection, Transport, get_transport
 
@@ -65,10 +65,9 @@ class Pair:
     connection: Connection
     owner: OwnerProcess
     directory: CorpusDirectory
-    layout: BlockRows
     geometry: MLAGeometry
     params: AttentionParams
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    router: Router  # the requester: this process, holding nothing, connected to the owner
     owner_stats: dict | None = None
 
     @property
@@ -79,12 +78,9 @@ class Pair:
     def row_bytes(self) -> int:
         return self.geometry.latent_bytes_per_token  # one token's row in one layer (float32 here)
 
-    def next_id(self) -> int:
-        return next(self._ids)
-
     def close(self) -> dict | None:
         """Close the connection and stop the owner; returns (and keeps in ``owner_stats``) the owner's final
-        stats (``OwnerStats.summary``), which include its own timing of the routes it handled."""
+        metrics (``MetricsSnapshot.as_dict``), which include its own timing of the routes it handled."""
         try:
             self.connection.close()
             self.transport.close()
@@ -103,14 +99,14 @@ class Pair:
 
 def open_pair(kind: str, *, workdir: Path, num_tokens: int, transport_opts: dict | None = None) -> Pair:
     """Start an owner process holding a generated corpus of ``num_tokens`` tokens and connect to it."""
-    from qroute.reference.prepared import plan_corpus
     from qroute.reference.tinymodel import build_tiny_model
 
     model_dir = build_tiny_model(dtype="float32")
     corpus = write_corpus(workdir / "corpus", num_tokens)
-    _, directory, fingerprint = plan_corpus(
-        model_dir, corpus, instances=[OWNER], blocks_per_chunk=BLOCKS_PER_CHUNK, max_tokens=num_tokens
+    _, directory = place_model_corpus(
+        model_dir, corpus, name="corpus", instances=[OWNER], blocks_per_chunk=BLOCKS_PER_CHUNK, max_tokens=num_tokens
     )
+    fingerprint = directory.model_fingerprint
     if directory.num_tokens < num_tokens:
         raise ConfigError(f"generated corpus has {directory.num_tokens} tokens, fewer than {num_tokens}")
     geometry = geometry_from_config(model_dir, cache_dtype="float32", dtype="float32")
@@ -131,8 +127,9 @@ def open_pair(kind: str, *, workdir: Path, num_tokens: int, transport_opts: dict
         transport.close()
         owner.stop()
         raise
-    layout = shard_layout(directory, OWNER)
-    return Pair(kind, transport, connection, owner, directory, layout, geometry, params)
+    router = Router(RouterConfig("requester", timeout_s=10.0), directory, geometry, load_fabric(f"loopback-{kind}"),
+                    params, {OWNER: connection})  # fmt: skip
+    return Pair(kind, transport, connection, owner, directory, geometry, params, router)
 
 
 # ---- selections and inputs ------------------------------------------------------------------------------
@@ -163,42 +160,13 @@ def queries(batch: int, heads: int, geometry: MLAGeometry, seed: int = 0) -> tup
 
 def route_request(pair: Pair, q_nope: torch.Tensor, q_pe: torch.Tensor, block_ids: tuple[int, ...],
                   layer: int = 0) -> bytes:
-    """The encoded request, as ``Router._post_route`` builds it."""
-    request = wire.RouteRequest(
-        request_id=pair.next_id(), corpus=pair.directory.name, layer=layer, q_nope=wire.to_wire(q_nope),
-        q_pe=wire.to_wire(q_pe), position_shift=0, block_ids=block_ids, timeout_us=10_000_000,
-    )  # fmt: skip
-    return wire.encode(request)
-
-
-def route_reply(pair: Pair, payload: bytes, timeout_s: float = 10.0) -> wire.RouteReply:
-    reply = wire.decode(pair.connection.call(payload, timeout_s))
-    if isinstance(reply, wire.ErrorReply):
-        raise reply.as_exception()
-    if not isinstance(reply, wire.RouteReply):
-        raise wire.WireError(f"owner answered a route with {type(reply).__name__}")
-    return reply
-
-
-def route_part(pair: Pair, q_nope: torch.Tensor, q_pe: torch.Tensor, block_ids: tuple[int, ...]) -> Part:
-    """One route, as the router runs it: encode, round trip, decode, the part as tensors."""
-    reply = route_reply(pair, route_request(pair, q_nope, q_pe, block_ids))
-    return wire.as_torch(reply.out), wire.as_torch(reply.lse)
+    """The encoded route request the router sends for ``block_ids``."""
+    return pair.router.route_request(layer, q_nope, q_pe, block_ids)
 
 
 def fetch_rows(pair: Pair, block_ids: tuple[int, ...], layer: int = 0) -> torch.Tensor:
-    """One-sided READ of the blocks' rows, as ``Router._fetch_rows`` does: ``[n, width]`` float32."""
-    ranges = byte_ranges(pair.layout, block_ids, pair.row_bytes)
-    out = np.empty(sum(length for _, length in ranges), dtype=np.uint8)
-    pair.connection.read(region_name(pair.directory.name, layer), ranges, out, 10.0)
-    return torch.from_numpy(out).view(torch.float32).view(-1, pair.geometry.latent_width)
-
-
-def fetch_part(pair: Pair, q_nope: torch.Tensor, q_pe: torch.Tensor, block_ids: tuple[int, ...]) -> Part:
-    """Fetch, then attend locally over the fetched rows (``Router._attend_rows``)."""
-    rows = fetch_rows(pair, block_ids)
-    slots = torch.arange(rows.shape[0])
-    return partial_attention(q_nope, q_pe, rows, slots, pair.params.scale, pair.params.kv_lora_rank)
+    """The router's one-sided READ of the blocks' rows: ``[n, width]`` float32."""
+    return pair.router.read_rows(layer, block_ids, OWNER)
 
 
 # ---- timing ---------------------------------------------------------------------------------------------

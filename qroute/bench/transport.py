@@ -78,7 +78,7 @@ def _measure_pair(kind: str, workdir: Path, heads: int, tokens: int, iters: int)
         result["interleaved"] = {name: summary_us(ts) for name, ts in mixed.items()}
         result["request_bytes"] = len(route_request(pair, q_nope, q_pe, blocks))
         result["fetch_bytes"] = tokens * pair.row_bytes
-    result["owner_handle_us"] = (pair.owner_stats or {}).get("route_handle_us_median")  # timed in the owner
+    result["owner_handle_us"] = (pair.owner_stats or {}).get("route_handle_s", {}).get("median_us")  # in the owner
     return result
 
 
@@ -88,6 +88,8 @@ def _breakdown(workdir: Path, heads: int, tokens: int, iters: int) -> dict[str, 
 
     from qroute.bench.pair import BLOCKS_PER_CHUNK, queries, select_blocks, summary_us, write_corpus
     from qroute.core import wire
+    from qroute.core.costmodel import load_fabric
+    from qroute.dataplane.router import Router, RouterConfig
     from qroute.numerics.attention import partial_attention
     from qroute.reference.prepared import prepare_corpus
     from qroute.reference.tinymodel import build_tiny_model
@@ -103,9 +105,11 @@ def _breakdown(workdir: Path, heads: int, tokens: int, iters: int) -> dict[str, 
     q_nope, q_pe = queries(1, heads, prepared.geometry)
     p = prepared.params
 
-    def encode() -> bytes:
-        return wire.encode(wire.RouteRequest(1, prepared.directory.name, 0, wire.to_wire(q_nope), wire.to_wire(q_pe),
-                                             0, blocks, 10_000_000))  # fmt: skip
+    router = Router(RouterConfig("requester"), prepared.directory, prepared.geometry, load_fabric("loopback-tcp"),
+                    p, {})  # fmt: skip
+
+    def encode() -> bytes:  # the router's own encoding
+        return router.route_request(0, q_nope, q_pe, blocks)
 
     payload = encode()
     reply = service.handle(payload)

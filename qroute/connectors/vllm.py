@@ -28,7 +28,7 @@ from qroute.connectors.vllm_scheduler import QRouteSchedulerSide
 from qroute.connectors.vllm_worker import QRouteWorkerSide
 from qroute.core.config import QRouteConfig, load_directory
 from qroute.errors import ConfigError
-from qroute.plugin.vllm import ensure_active
+from qroute.plugin.vllm import CorpusAttentionProvider, ensure_active
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -54,7 +54,7 @@ def config_from_vllm(vllm_config: VllmConfig) -> tuple[QRouteConfig, str]:
     return config, model_dir
 
 
-class QRouteConnector(KVConnectorBase_V1):
+class QRouteConnector(KVConnectorBase_V1, CorpusAttentionProvider):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config, role, kv_cache_config)
         ensure_active(vllm_config)

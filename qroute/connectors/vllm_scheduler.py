@@ -35,8 +35,9 @@ from qroute.connectors.vllm_meta import (
     computed_block,
     first_slot,
 )
-from qroute.core.config import MODES, QRouteConfig
-from qroute.core.corpus import CorpusDirectory
+from qroute.core.config import QRouteConfig, parse_request_params
+from qroute.core.placement import CorpusDirectory
+from qroute.errors import ConfigError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -92,30 +93,26 @@ class QRouteSchedulerSide:
     def _parse(self, request: Request) -> RequestState:
         """The request's qroute parameters; problems become ``error`` (the engine must not raise)."""
         d = self.directory
-        params = (request.kv_transfer_params or {}).get("qroute", {})
+        raw = (request.kv_transfer_params or {}).get("qroute", {})
         state = RequestState(corpus=d.name, mode=self.config.mode)
-        if not isinstance(params, dict):
-            return self._refuse(state, f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
-        state.corpus = params.get("corpus", d.name)
-        state.mode = params.get("mode") or self.config.mode
+        try:
+            params = parse_request_params(raw, default_corpus=d.name, default_mode=self.config.mode,
+                                          known_corpora=(d.name,))  # fmt: skip
+        except ConfigError as exc:
+            if isinstance(raw, dict):  # report what the request asked for
+                state.corpus, state.mode = raw.get("corpus", d.name), raw.get("mode") or self.config.mode
+            return self._refuse(state, str(exc))
+        state.corpus, state.mode = params.corpus, params.mode
         state.summary = {"corpus": state.corpus, "mode": state.mode, **dict.fromkeys(COUNTERS, 0)}
-        if state.corpus is None:
+        if state.corpus is None or params.prefill_chunk is None:
             return state
-        if state.corpus != d.name:
-            return self._refuse(state, f"unknown corpus {state.corpus!r}; this instance serves {d.name!r}")
-        if state.mode not in MODES:
-            return self._refuse(state, f"mode {state.mode!r} is not one of {', '.join(MODES)}")
-        chunk = params.get("prefill_chunk")
-        if chunk is not None:
-            state.prefill_chunk = chunk
-            state.error = self._check_prefill(request, chunk)
-            if state.error:
-                return self._refuse(state, state.error)
-        return state
+        state.prefill_chunk = params.prefill_chunk
+        state.error = self._check_prefill(request, params.prefill_chunk)
+        return self._refuse(state, state.error) if state.error else state
 
-    def _check_prefill(self, request: Request, chunk: object) -> str | None:
+    def _check_prefill(self, request: Request, chunk: int) -> str | None:
         d = self.directory
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk < len(d.chunks):
+        if not 0 <= chunk < len(d.chunks):
             return f"prefill_chunk {chunk!r} is not a chunk of corpus {d.name!r} (0..{len(d.chunks) - 1})"
         entry = d.chunks[chunk]
         if self.config.instance_id not in entry.owners:

@@ -5,9 +5,9 @@
   owner service on the configured address and the peer connections (``OwnerLinks``), and the ``Router``.
 - ``start_step`` (plan, once per step, from ``bind_connector_metadata``): maps query rows to requests by
   the slot of their first scheduled token, plans each request's corpus parts with the router (predicate,
-  mode) and builds the RoPE tables that move its queries from own position ``i`` to ``shift + i``.
-- ``attend_corpus`` (run, once per layer and request, from the attention backend): rotates ``q_pe`` and
-  returns the router's exact merge of the request's corpus parts.
+  mode) and the ``PositionShift`` that moves its queries from own position ``i`` to ``shift + i``.
+- ``attend_corpus`` (run, once per layer and request, from the attention backend): moves ``q_pe`` and
+  returns the router's exact merge of the request's own part and its corpus parts.
 - ``save_layer`` (once per layer, from ``save_kv_layer``): a corpus-prefill request's latent rows go into
   the store at its chunk's rows, ``k_pe`` moved from local position ``i`` to ``chunk.start + i``.
 
@@ -27,18 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
-from qroute.connectors.vllm_meta import QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
+from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
 from qroute.core.config import QRouteConfig
-from qroute.core.corpus import CorpusDirectory
 from qroute.core.costmodel import Decision, load_fabric
 from qroute.core.geometry import geometry_from_config, load_config
-from qroute.dataplane.owner import AttentionParams, OwnerService, compat_for
+from qroute.core.placement import CorpusDirectory
+from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.router import Router, RouterConfig, StepPlan
-from qroute.dataplane.shard import CorpusShard, shard_layout
+from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
 from qroute.errors import ConfigError, QRouteError
-from qroute.numerics.attention import Part
-from qroute.numerics.rope import engine_cos_sin, rerope_with_tables
+from qroute.numerics.attention import AttentionParams, Part
+from qroute.numerics.rope import PositionShift
 
 logger = logging.getLogger("vllm.qroute")
 
@@ -47,9 +47,6 @@ PEER_WAIT_FACTOR = 5  # a step waits at most this many timeout_s for owners that
 # vLLM ropes DeepSeek with is_neox_style=False whatever the checkpoint's rope_interleave says.
 INTERLEAVED = True
 
-Tables = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
 @dataclass
 class RequestRun:
     """One request's corpus work for the current step (built in ``start_step``)."""
@@ -57,7 +54,7 @@ class RequestRun:
     step: RequestStep
     start: int  # first query row in the batch
     stop: int
-    tables: Tables  # engine cos/sin at own positions, and at shift + own positions
+    shift: PositionShift  # own positions -> shift + own positions
     plan: StepPlan | None = None  # None: nothing to attend to (or an error)
     store_rows: torch.Tensor | None = None  # shard rows of the first len(store_rows) query rows
     error: str | None = None
@@ -140,9 +137,9 @@ class QRouteWorkerSide:
     def _plan(self, start: int, stop: int, step: RequestStep) -> RequestRun:
         d, inv_freq = self.directory, self.params.inv_freq
         own = torch.arange(step.first_pos, step.first_pos + stop - start)
-        tables = (engine_cos_sin(own, inv_freq, self.table_dtype),
-                  engine_cos_sin(own + step.position_shift, inv_freq, self.table_dtype))  # fmt: skip
-        run = RequestRun(step, start, stop, tables)
+        shift = PositionShift(own, own + step.position_shift, inv_freq, interleaved=INTERLEAVED,
+                              table_dtype=self.table_dtype)  # fmt: skip
+        run = RequestRun(step, start, stop, shift)
         if step.failed:  # failed in an earlier step (logged then): only report it, so that vLLM ends it
             run.error = "failed earlier"
             if step.computed_block is not None:
@@ -180,25 +177,24 @@ class QRouteWorkerSide:
 
     # -- run: once per layer ------------------------------------------------------------------------
 
-    def attend_corpus(self, layer: int, start: int, q_nope: torch.Tensor, q_pe: torch.Tensor) -> Part | None:
-        """Corpus part of the request whose rows start at ``start``: ``(out [n, H, R], lse [n, H])`` float32,
-        natural log; None when that request attends to no corpus this step.
+    def attend_corpus(self, layer: int, start: int, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part:
+        """The request whose rows start at ``start``: its ``own`` part merged with its corpus parts,
+        ``(out [n, H, R], lse [n, H])`` float32, natural log; ``own`` alone when it attends to no corpus this
+        step (or its corpus attention failed: the request is then failed, see the module docstring).
 
         ``q_nope [n, H, R]`` absorbed, ``q_pe [n, H, P]`` roped by vLLM at the rows' own positions.
         """
         run = self._runs.get(start)
         if run is None or run.plan is None or not run.plan.parts or run.error is not None:
-            return None
-        q_pe = rerope_with_tables(q_pe, *run.tables, interleaved=INTERLEAVED)
-        stats = self.router.stats
-        before = (stats.route, stats.fetch, stats.local, stats.bytes_moved)
+            return own
+        before = self.router.stats.values(COUNTERS)
         try:
-            return self.router.run(layer, q_nope, q_pe, run.plan)
+            return self.router.run(layer, q_nope, run.shift(q_pe), run.plan, own=own)
         except QRouteError as exc:
             self._fail(run, str(exc))
-            return None
+            return own
         finally:
-            after = (stats.route, stats.fetch, stats.local, stats.bytes_moved)
+            after = self.router.stats.values(COUNTERS)
             self._report.add(run.step.req_id, [a - b for a, b in zip(after, before, strict=True)])
 
     def save_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
@@ -212,10 +208,8 @@ class QRouteWorkerSide:
             num = run.store_rows.shape[0]
             slots = self._slot_mapping[run.start : run.start + num]
             rows = kv_layer.reshape(-1, self.width).index_select(0, slots.to(kv_layer.device)).to("cpu", STORE_DTYPE)
-            (cos_a, sin_a), (cos_b, sin_b) = run.tables
-            tables = ((cos_a[:num], sin_a[:num]), (cos_b[:num], sin_b[:num]))
             rank = self.params.kv_lora_rank
-            rows[:, rank:] = rerope_with_tables(rows[:, rank:], *tables, interleaved=INTERLEAVED)
+            rows[:, rank:] = run.shift.first(num)(rows[:, rank:])
             self.shard.layers[layer][run.store_rows] = rows
             self._note_stored(run, layer, num)
 

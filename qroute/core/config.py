@@ -20,30 +20,47 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from qroute.core.corpus import CorpusDirectory, place_model_corpus
+from qroute.core.corpus import BLOCK_SIZE, place_model_corpus
+from qroute.core.placement import CorpusDirectory
 from qroute.errors import ConfigError
 
 __all__ = [
     "BLOCK_SIZE",
+    "COMPARED_MODES",
     "CORPORA_ENV",
+    "MODES",
     "CorpusConfig",
+    "Mode",
     "QRouteConfig",
+    "RequestParams",
     "corpus_names_from_argv",
     "load_directory",
-    "load_directory_for",
+    "parse_request_params",
 ]
 
-MODES = ("auto", "route", "fetch", "local")  # same as qroute.dataplane.router.MODES (router imports torch)
+
+class Mode(StrEnum):
+    """How a requester attends to corpus blocks it does not hold: the cost model decides (``auto``), or always
+    ``route`` / ``fetch``; ``local`` needs every block resident."""
+
+    AUTO = "auto"
+    ROUTE = "route"
+    FETCH = "fetch"
+    LOCAL = "local"
+
+
+MODES = tuple(m.value for m in Mode)
+COMPARED_MODES = (Mode.ROUTE, Mode.FETCH, Mode.AUTO)  # what `qroute check` and the demos compare to one instance
 TRANSPORTS = ("tcp", "nixl")
-BLOCK_SIZE = 16  # corpus block = vLLM's CPU MLA block size
 CORPORA_ENV = "QROUTE_CORPORA"  # comma-separated corpus names, for the API server's validator
 _KEYS = {"instance_id", "instances", "corpus", "transport", "fabric", "mode", "secret_env", "timeout_s",
          "cache_bytes", "config_file"}  # fmt: skip
@@ -182,27 +199,41 @@ def _read_yaml(path: object) -> dict[str, Any]:
 
 
 def load_directory(config: QRouteConfig, model_dir: str | Path) -> tuple[np.ndarray, CorpusDirectory]:
-    """Tokenize the configured corpus with the model's tokenizer and place it: the same directory on every
-    instance (sorted instance ids, the model's fingerprint), so no instance needs to ask another."""
+    """Tokenize the configured corpus with the model's tokenizer and place it (``place_model_corpus``): the same
+    directory on every instance, so no instance needs to ask another."""
     c = config.corpus
-    return load_directory_for(model_dir, c.path, name=c.name, instances=config.instance_ids, replicas=c.replicas,
-                              blocks_per_chunk=c.blocks_per_chunk)  # fmt: skip
+    return place_model_corpus(model_dir, c.path, name=c.name, instances=config.instance_ids, replicas=c.replicas,
+                              block_size=BLOCK_SIZE, blocks_per_chunk=c.blocks_per_chunk)  # fmt: skip
 
 
-def load_directory_for(
-    model_dir: str | Path,
-    corpus_dir: str | Path,
-    *,
-    name: str,
-    instances: Sequence[str],
-    replicas: int = 1,
-    blocks_per_chunk: int = 16,
-) -> tuple[np.ndarray, CorpusDirectory]:
-    """``load_directory`` from plain values (the launcher's entry point); ``instances`` in any order."""
-    token_ids, directory = place_model_corpus(model_dir, corpus_dir, name=name, instances=instances,
-                                              replicas=replicas, block_size=BLOCK_SIZE,
-                                              blocks_per_chunk=blocks_per_chunk)  # fmt: skip
-    return token_ids, directory
+@dataclass(frozen=True)
+class RequestParams:
+    """A request's ``kv_transfer_params.qroute``, validated. ``corpus`` None: no corpus attention."""
+
+    corpus: str | None
+    mode: str
+    prefill_chunk: int | None = None
+
+
+def parse_request_params(params: object, *, default_corpus: str | None, default_mode: str,
+                         known_corpora: Collection[str] | None) -> RequestParams:
+    """Validate a request's ``kv_transfer_params.qroute`` (keys missing: the defaults); raises ``ConfigError``
+    naming the field. ``known_corpora`` None accepts any corpus name. ``"corpus": null`` opts out of corpus
+    attention."""
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
+    corpus = params.get("corpus", default_corpus)
+    if corpus is not None and not isinstance(corpus, str):
+        raise ConfigError(f"kv_transfer_params.qroute.corpus must be a corpus name or null, got {corpus!r}")
+    if corpus is not None and known_corpora is not None and corpus not in known_corpora:
+        raise ConfigError(f"unknown corpus {corpus!r}; this instance serves {sorted(known_corpora)}")
+    mode = params.get("mode") or default_mode
+    if mode not in MODES:
+        raise ConfigError(f"kv_transfer_params.qroute.mode {mode!r} is not one of {', '.join(MODES)}")
+    chunk = params.get("prefill_chunk")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+        raise ConfigError(f"kv_transfer_params.qroute.prefill_chunk must be an int >= 0, got {chunk!r}")
+    return RequestParams(corpus, str(mode), chunk)
 
 
 def corpus_names_from_argv(argv: Sequence[str]) -> set[str] | None:

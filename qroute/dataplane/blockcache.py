@@ -1,38 +1,28 @@
-"""A bounded LRU cache of fetched corpus blocks, with reuse accounting.
+"""A bounded LRU cache of fetched corpus blocks.
 
-Keyed by (corpus, layer, block id); holds each block's latent rows ``[num_tokens, width]``. A block
-found here is resident, so the predicate prices it as local. ``hits`` over ``inserts`` is the
-observed reuse the cost model's ``reuse`` should track.
+Keyed by (corpus, layer, block id); holds each block's latent rows ``[num_tokens, width]``. The router
+looks here before it fetches an owner group: a group whose blocks are all cached is attended locally,
+without a transfer. The predicate does not price cached blocks yet (it still decides fetch or route for
+the group); the ``qroute.metrics.CACHE`` counters (hits, misses, inserts, evictions) are what a
+reuse-aware predicate would read.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
+from qroute.metrics import CACHE, Metrics
+
 Key = tuple[str, int, int]  # (corpus, layer, block id)
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    inserts: int = 0
-    evictions: int = 0
-
-    @property
-    def observed_reuse(self) -> float:
-        """Average uses per fetched block so far (1 = never reused)."""
-        return (self.hits + self.inserts) / self.inserts if self.inserts else 1.0
 
 
 class BlockCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.stats = CacheStats()
+        self.stats = Metrics(CACHE)
         self._rows: OrderedDict[Key, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -41,22 +31,16 @@ class BlockCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self._rows
-
-    def holds_all(self, corpus: str, layer: int, block_ids: tuple[int, ...]) -> bool:
-        return all((corpus, layer, b) in self._rows for b in block_ids)
-
     def get(self, corpus: str, layer: int, block_ids: tuple[int, ...]) -> torch.Tensor | None:
         """Rows of all ``block_ids`` concatenated in order, or None if any is missing."""
         with self._lock:
             keys = [(corpus, layer, b) for b in block_ids]
             if not all(k in self._rows for k in keys):
-                self.stats.misses += 1
+                self.stats.add("misses")
                 return None
             for k in keys:
                 self._rows.move_to_end(k)
-            self.stats.hits += 1
+            self.stats.add("hits")
             return torch.cat([self._rows[k] for k in keys])
 
     def put(self, corpus: str, layer: int, block_ids: tuple[int, ...], rows: list[torch.Tensor]) -> None:
@@ -72,8 +56,8 @@ class BlockCache:
                     self._bytes -= old.numel() * old.element_size()
                 self._rows[key] = block_rows.clone()
                 self._bytes += size
-                self.stats.inserts += 1
+                self.stats.add("inserts")
             while self._bytes > self.max_bytes:
                 _, evicted = self._rows.popitem(last=False)
                 self._bytes -= evicted.numel() * evicted.element_size()
-                self.stats.evictions += 1
+                self.stats.add("evictions")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from qroute.core.config import QRouteConfig
-from qroute.core.corpus import CorpusDirectory
+from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.peering import connect_owner, serve_owner
 from qroute.errors import HandshakeMismatch, QRouteError

@@ -1,17 +1,17 @@
 """Joining the two sides over a transport: an owner serves its shards, a requester connects to owners.
 
-The transport authenticates the channel (shared secret); on top of it the requester's ``Hello``
-carries the protocol version, model fingerprint, compatibility hash and corpus version, which the
-owner checks before anything else (``OwnerService.on_hello``) and the requester checks the owner's
-signed reply.
+The one handshake (``qroute.core.handshake``): the transport authenticates both sides over both nonces
+and carries the requester's ``Hello`` (wire version, model fingerprint, compatibility hash, corpus
+version), which the owner checks before anything else (``OwnerService.on_hello``), and the owner's
+``HelloReply``, which the requester checks here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from qroute.core import wire
-from qroute.core.corpus import CorpusDirectory
+from qroute.core import handshake, wire
+from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
 from qroute.errors import HandshakeMismatch
 from qroute.transport.base import Connection, Server, Transport
@@ -39,20 +39,19 @@ def connect_owner(
     timeout_s: float = 10.0,
 ) -> Connection:
     """Connect to one owner of ``directory``'s corpus; raises HandshakeMismatch on any disagreement."""
-    hello = wire.make_hello(
+    hello = handshake.make_hello(
         instance_id,
         model_fingerprint=model_fingerprint,
         compat=compat,
         corpus_name=directory.name,
         corpus_version=directory.version,
-        secret=secret,
     )
     connection = transport.connect(address, secret=secret, hello=wire.encode(hello), timeout_s=timeout_s)
     try:
         reply = wire.decode(connection.hello_reply)
         if not isinstance(reply, wire.HelloReply):
             raise HandshakeMismatch(f"owner at {address} answered the hello with {type(reply).__name__}")
-        wire.check_hello_reply(reply, hello, secret=secret)
+        handshake.check_hello_reply(reply)
     except BaseException:
         connection.close()
         raise

@@ -3,7 +3,8 @@
 ``plan`` runs once per step on the host: it groups the selected corpus blocks by owner and picks
 local, fetch or route for each owner (``costmodel``). ``run`` runs once per layer: it posts the
 routes first, computes fetched and local parts while they are in flight, waits, and returns the
-exact merge of all corpus parts (the caller merges in the request's own part).
+exact merge of all corpus parts and the caller's own part (one merge: "own + corpus" lives here).
+Queries arrive roped at their corpus positions (the caller moves them: ``numerics.rope.PositionShift``).
 
 Failures: each remote call has a deadline. A failed route tries the next replica, then a fetch from
 any replica; a failed fetch tries the next replica. When nothing answers, ``run`` raises
@@ -15,26 +16,25 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from qroute.core import wire
-from qroute.core.corpus import CorpusDirectory
+from qroute.core.config import MODES, Mode
 from qroute.core.costmodel import Decision, FabricProfile, Workload, costs
 from qroute.core.geometry import MLAGeometry
+from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.blockcache import BlockCache
-from qroute.dataplane.owner import AttentionParams
 from qroute.dataplane.shard import BlockRows, CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
-from qroute.numerics.attention import Part, empty_part, merge, partial_attention, rotate_query_rope
+from qroute.metrics import ROUTER, Metrics
+from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "route", "fetch", "local")
 DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before trying it again
 
 
@@ -43,7 +43,6 @@ class RouterConfig:
     instance_id: str
     mode: str = "auto"
     timeout_s: float = 2.0
-    expected_reuse: float = 1.0  # R in the cost model
     cache_bytes: int = 0  # bounded cache of fetched blocks; 0 disables it
 
     def __post_init__(self) -> None:
@@ -67,27 +66,6 @@ class StepPlan:
     corpus: str
     num_rows: int
     parts: tuple[OwnerPart, ...]
-
-
-@dataclass
-class RouterStats:
-    route: int = 0
-    fetch: int = 0
-    local: int = 0
-    fallbacks: int = 0
-    bytes_moved: int = 0
-    route_us: float = 0.0
-    fetch_us: float = 0.0
-    errors: deque[str] = field(default_factory=lambda: deque(maxlen=64))  # the latest failures, for logs
-
-    def as_dict(self) -> dict:
-        return {
-            "route": self.route,
-            "fetch": self.fetch,
-            "local": self.local,
-            "fallbacks": self.fallbacks,
-            "bytes_moved": self.bytes_moved,
-        }
 
 
 class Peer:
@@ -139,7 +117,7 @@ class Router:
             if name != config.instance_id
         }
         self.cache = BlockCache(config.cache_bytes) if config.cache_bytes else None
-        self.stats = RouterStats()
+        self.stats = Metrics(ROUTER)
         self._request_ids = itertools.count(1)
 
     def add_peer(self, instance_id: str, connection) -> None:
@@ -181,11 +159,11 @@ class Router:
         return StepPlan(corpus=d.name, num_rows=num_rows, parts=tuple(parts))
 
     def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: list[int]) -> Decision:
-        if mode == "route":
+        if mode == Mode.ROUTE:
             return Decision.ROUTE
-        if mode == "fetch":
+        if mode == Mode.FETCH:
             return Decision.FETCH
-        if mode == "local":
+        if mode == Mode.LOCAL:
             raise ConfigError(
                 f"mode 'local' needs every corpus block resident, but blocks {blocks[:4]}... live on {owners}; "
                 "use mode 'auto', 'route' or 'fetch'"
@@ -195,7 +173,7 @@ class Router:
             batch=max(1, num_rows),
             heads=self.geometry.num_heads,
             tokens=num_tokens,
-            reuse=self.config.expected_reuse,
+            reuse=1.0,  # no reuse is priced yet: the block cache's hit rate is not fed back
             block_size=self.directory.block_size,
         )
         return costs(self.geometry, self.fabric, workload).decision
@@ -203,30 +181,27 @@ class Router:
     # -- run: once per layer ---------------------------------------------------------------------------
 
     def run(
-        self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, plan: StepPlan, *, position_shift: int = 0
+        self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, plan: StepPlan, *, own: Part | None = None
     ) -> Part:
-        """Attention of ``q_nope [T, H, kv_lora_rank]`` / ``q_pe [T, H, rope_dim]`` (roped at the
-        request's own positions, numbered from 0) over the planned corpus blocks.
+        """Attention of ``q_nope [T, H, kv_lora_rank]`` / ``q_pe [T, H, rope_dim]`` (roped at the rows' corpus
+        positions) over the planned corpus blocks, merged with ``own`` (the rows' own part, if any).
 
-        ``position_shift`` is the number of corpus tokens in front of the request's own tokens: the
-        rope half is rotated by it once here. Returns ``(out [T, H, R], lse [T, H])`` float32,
-        natural log; ``(0, -inf)`` when the plan selects nothing.
+        Returns ``(out [T, H, R], lse [T, H])`` float32, natural log; ``(0, -inf)`` when nothing is attended.
         """
-        p = self.params
-        if position_shift:
-            q_pe = rotate_query_rope(q_pe, position_shift, p.inv_freq, p.interleaved)
         pending = [(part, self._post_route(layer, q_nope, q_pe, part, part.owners[0]))
                    for part in plan.parts if part.decision is Decision.ROUTE]  # fmt: skip
-        results: list[Part] = [empty_part(q_nope.shape[0], q_nope.shape[1], p.kv_lora_rank)]
+        results: list[Part] = [] if own is None else [own]
         for part in plan.parts:
             if part.decision is Decision.LOCAL:
                 results.append(self._local(layer, q_nope, q_pe, part))
-                self.stats.local += 1
+                self.stats.add("local")
             elif part.decision is Decision.FETCH:
                 results.append(self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners))
         for part, call in pending:
             results.append(self._wait_route(layer, q_nope, q_pe, part, call))
-        return merge(results)
+        if len(results) == 1:
+            return results[0]
+        return merge(results) if results else empty_part(q_nope.shape[0], q_nope.shape[1], self.params.kv_lora_rank)
 
     def _local(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart) -> Part:
         shard = self.local_shard
@@ -244,21 +219,24 @@ class Router:
         peer = self.peers.get(owner)
         if peer is None or not peer.alive:
             return owner, ConnectionError(f"owner {owner!r} is not connected or recently failed"), 0, 0.0
+        payload = self.route_request(layer, q_nope, q_pe, part.block_ids)
+        try:
+            return owner, peer.connection.post(payload), len(payload), time.perf_counter()
+        except TransportError as exc:
+            return owner, exc, 0, 0.0
+
+    def route_request(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, block_ids: tuple[int, ...]) -> bytes:
+        """The encoded route request for ``block_ids`` of ``layer``."""
         request = wire.RouteRequest(
             request_id=next(self._request_ids),
             corpus=self.directory.name,
             layer=layer,
             q_nope=wire.to_wire(q_nope),
             q_pe=wire.to_wire(q_pe),
-            position_shift=0,
-            block_ids=part.block_ids,
+            block_ids=block_ids,
             timeout_us=int(self.config.timeout_s * 1e6),
         )
-        payload = wire.encode(request)
-        try:
-            return owner, peer.connection.post(payload), len(payload), time.perf_counter()
-        except TransportError as exc:
-            return owner, exc, 0, 0.0
+        return wire.encode(request)
 
     def _wait_route(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart, call) -> Part:
         tried = []
@@ -267,12 +245,12 @@ class Router:
                 call = self._post_route(layer, q_nope, q_pe, part, owner)
             try:
                 result = self._route_result(call)
-                self.stats.route += 1
+                self.stats.add("route")
                 return result
             except (TransportError, RemoteError, ConnectionError, wire.WireError) as exc:
                 self._failed(owner, exc)
                 tried.append(f"route to {owner!r}: {exc}")
-                self.stats.fallbacks += 1
+                self.stats.add("fallbacks")
         return self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners, tried)
 
     def _route_result(self, call) -> Part:
@@ -284,8 +262,8 @@ class Router:
             raise reply.as_exception()
         if not isinstance(reply, wire.RouteReply):
             raise wire.WireError(f"owner {owner!r} answered a route with {type(reply).__name__}")
-        self.stats.route_us += (time.perf_counter() - start) * 1e6
-        self.stats.bytes_moved += sent + len(reply.out.data) + len(reply.lse.data)
+        self.stats.observe("route_s", time.perf_counter() - start)
+        self.stats.add("bytes_moved", sent + len(reply.out.data) + len(reply.lse.data))
         return wire.as_torch(reply.out).float(), wire.as_torch(reply.lse)
 
     # fetch
@@ -295,17 +273,17 @@ class Router:
         if self.cache is not None:
             rows = self.cache.get(self.directory.name, layer, part.block_ids)
             if rows is not None:
-                self.stats.local += 1
+                self.stats.add("local")
                 return self._attend_rows(q_nope, q_pe, rows)
         for owner in owners:
             try:
-                rows = self._fetch_rows(layer, part.block_ids, owner)
+                rows = self.read_rows(layer, part.block_ids, owner)
             except (TransportError, ConnectionError, ConfigError) as exc:
                 self._failed(owner, exc)
                 tried.append(f"fetch from {owner!r}: {exc}")
-                self.stats.fallbacks += 1
+                self.stats.add("fallbacks")
                 continue
-            self.stats.fetch += 1
+            self.stats.add("fetch")
             if self.cache is not None:
                 self._cache_blocks(layer, part.block_ids, rows)
             return self._attend_rows(q_nope, q_pe, rows)
@@ -314,7 +292,8 @@ class Router:
             + "; ".join(tried)
         )
 
-    def _fetch_rows(self, layer: int, block_ids: tuple[int, ...], owner: str) -> torch.Tensor:
+    def read_rows(self, layer: int, block_ids: tuple[int, ...], owner: str) -> torch.Tensor:
+        """One-sided read of ``block_ids``' latent rows of ``layer`` from ``owner``: ``[num_tokens, width]``."""
         peer = self.peers.get(owner)
         if peer is None or not peer.alive:
             raise ConnectionError(f"owner {owner!r} is not connected or recently failed")
@@ -323,8 +302,8 @@ class Router:
         out = np.empty(total, dtype=np.uint8)
         start = time.perf_counter()
         peer.connection.read(region_name(self.directory.name, layer), ranges, out, self.config.timeout_s)
-        self.stats.fetch_us += (time.perf_counter() - start) * 1e6
-        self.stats.bytes_moved += total
+        self.stats.observe("fetch_s", time.perf_counter() - start)
+        self.stats.add("bytes_moved", total)
         return torch.from_numpy(out).view(self.row_dtype).view(-1, self.width)
 
     def _cache_blocks(self, layer: int, block_ids: tuple[int, ...], rows: torch.Tensor) -> None:
@@ -333,7 +312,7 @@ class Router:
 
     def _failed(self, owner: str, exc: Exception) -> None:
         logger.warning("qroute: owner %r failed: %s", owner, exc)
-        self.stats.errors.append(f"{owner}: {exc}")
+        self.stats.error(owner, f"{owner}: {exc}")
         peer = self.peers.get(owner)
         # A refusal (bad request, unknown corpus) is not a dead peer; a transport failure is.
         if peer is not None and not isinstance(exc, RemoteError):

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qroute.core.corpus import CorpusDirectory
+from qroute.core.handshake import compat_hash
+from qroute.core.placement import CorpusDirectory
 from qroute.errors import ConfigError, CorpusError
-from qroute.numerics.attention import merge, partial_attention
-from qroute.reference.refmodel import RefMLAModel
 
 BlockRows = dict[int, tuple[int, int]]  # block id -> (first row in the shard, number of tokens)
 
@@ -72,6 +71,11 @@ def byte_ranges(block_rows: BlockRows, block_ids: Sequence[int], row_bytes: int)
     return ranges
 
 
+def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, dtype: torch.dtype) -> str:
+    """What two instances must agree on before exchanging rows: model, latent width, block size, row dtype."""
+    return compat_hash(model_fingerprint, width, directory.block_size, str(dtype).removeprefix("torch."))
+
+
 @dataclass
 class CorpusShard:
     """The blocks of one corpus that one instance holds, for every layer."""
@@ -96,6 +100,9 @@ class CorpusShard:
     @property
     def row_bytes(self) -> int:
         return self.width * self.layers[0].element_size()
+
+    def compat_hash(self, model_fingerprint: str) -> str:
+        return compat_for(model_fingerprint, self.directory, self.width, self.layers[0].dtype)
 
     def holds(self, block_ids: Sequence[int]) -> bool:
         return all(b in self.block_rows for b in block_ids)
@@ -127,47 +134,3 @@ def corpus_positions(directory: CorpusDirectory, block_ids: Sequence[int]) -> to
     """Global positions of the tokens of ``block_ids``, in order, int64."""
     parts = [torch.arange(*block_range(directory, b)) for b in block_ids]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-
-@torch.no_grad()
-def prefill_corpus(model: RefMLAModel, token_ids: torch.Tensor, directory: CorpusDirectory) -> list[torch.Tensor]:
-    """Every layer's latent rows ``[num_tokens, width]`` of the whole corpus, exact mode.
-
-    Chunk by chunk, each at its global positions, attending causally to itself and to all earlier
-    chunks: the same result as one forward over the whole corpus, in memory bounded by a chunk.
-    """
-    if token_ids.shape != (directory.num_tokens,):
-        raise CorpusError(
-            f"corpus {directory.name!r}: {tuple(token_ids.shape)} token ids for a directory of {directory.num_tokens}"
-        )
-    layers: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
-    for chunk in directory.chunks:
-        earlier = [torch.cat(rows) if rows else None for rows in layers]
-
-        def attend(layer, q_nope, q_pe, own, q_positions, earlier=earlier, start=chunk.start):
-            part = model.self_attention(layer, q_nope, q_pe, own, q_positions)
-            if earlier[layer] is None:
-                return part
-            slots = torch.arange(start)
-            return merge(
-                [part, partial_attention(q_nope, q_pe, earlier[layer], slots, model.scale, model.kv_lora_rank)]
-            )
-
-        positions = torch.arange(chunk.start, chunk.end)
-        _, rows = model.forward_collect(token_ids[chunk.start : chunk.end], positions, attend)
-        for layer, r in enumerate(rows):
-            layers[layer].append(r)
-    return [torch.cat(rows).contiguous() for rows in layers]
-
-
-def build_shard(all_rows: list[torch.Tensor], directory: CorpusDirectory, instance: str) -> CorpusShard:
-    """Cut an instance's share out of the whole corpus's rows (``prefill_corpus``)."""
-    if instance not in directory.instances:
-        raise ConfigError(
-            f"instance {instance!r} is not in corpus {directory.name!r}'s directory {directory.instances}"
-        )
-    block_rows = shard_layout(directory, instance)
-    order = sorted(block_rows, key=lambda b: block_rows[b][0])
-    positions = corpus_positions(directory, order)
-    layers = [rows.index_select(0, positions).contiguous() for rows in all_rows]
-    return CorpusShard(directory=directory, instance=instance, layers=layers, block_rows=block_rows)

@@ -15,16 +15,35 @@ Parts over disjoint key sets merge exactly: ``lse = logsumexp_i lse_i``,
 ``out = sum_i exp(lse_i - lse) * out_i``. Convert base-2 kernel LSEs with ``lse_from_base2``.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
 
 import torch
 
 from qroute.errors import ConfigError
-from qroute.numerics.rope import apply_rope
+from qroute.numerics.rope import rope_inv_freq, rope_is_interleaved, softmax_scale
 
-__all__ = ["empty_part", "lse_from_base2", "merge", "partial_attention", "rotate_query_rope"]
+__all__ = ["AttentionParams", "Part", "empty_part", "lse_from_base2", "merge", "partial_attention"]
 
 Part = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """What attending to latent rows needs to know of the model: softmax scale, latent rank, RoPE."""
+
+    scale: float
+    kv_lora_rank: int
+    inv_freq: torch.Tensor  # [rope_dim // 2] float32
+    interleaved: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> AttentionParams:
+        return cls(
+            softmax_scale(config), int(config["kv_lora_rank"]), rope_inv_freq(config), rope_is_interleaved(config)
+        )
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bound on the float32 score block [T, H, keys] per step (64 MiB); longer key lists are processed in
@@ -187,18 +206,3 @@ def lse_from_base2(lse2: torch.Tensor) -> torch.Tensor:
     ``lse = lse2 * ln 2``; -inf stays -inf.
     """
     return lse2.float() * math.log(2.0)
-
-
-def rotate_query_rope(
-    q_pe: torch.Tensor, offset: int | torch.Tensor, inv_freq: torch.Tensor, interleaved: bool
-) -> torch.Tensor:
-    """Move roped queries ``q_pe [T, H, P]`` by ``offset`` positions (int, or int tensor ``[T]``).
-
-    A pure rotation with the model's frequencies (``rope_inv_freq``): a query roped at local position
-    ``i`` becomes one at ``i + offset``, e.g. a request's own tokens numbered from 0 attending to a
-    corpus of ``offset`` tokens stored at global positions (DESIGN.md §3). The YaRN magnitude factor
-    is already in ``q_pe`` and is not applied again. Same shape and dtype as ``q_pe``.
-    """
-    if isinstance(offset, torch.Tensor) and offset.dim() == 0:
-        offset = int(offset)
-    return apply_rope(q_pe, offset, inv_freq, interleaved)

@@ -10,15 +10,17 @@ the checkpoint's ``rope_theta`` + ``rope_scaling`` or transformers>=5's ``rope_p
   rope a token at its position (YaRN ``mscale / mscale_all_dim``; 1.0 for DeepSeek-V3 and without YaRN).
 - ``softmax_scale(config) -> float``: ``qk_head_dim ** -0.5`` times ``mscale(mscale_all_dim) ** 2``.
 - ``apply_rope(x, positions, inv_freq, interleaved)``: a pure rotation, ``|apply_rope(x)| == |x|``.
-- ``rerope_like_engine(x, from_pos, to_pos, inv_freq)``: move an engine-roped vector to another position
-  with cos/sin formed exactly like vLLM's float32 table (``engine_cos_sin``), for bitwise-close parity
-  with the engine roping at the target position (``apply_rope`` forms float64 angles instead).
+- ``PositionShift(from_pos, to_pos, inv_freq, interleaved=...)``: the one way qroute moves roped queries
+  and keys to other positions, with cos/sin formed exactly like vLLM's float32 table (``engine_cos_sin``),
+  for close parity with the engine roping at the target position (``apply_rope`` forms float64 angles).
 
 The YaRN scale must not be applied twice (DESIGN.md §3). Engines apply ``rope_attention_factor`` once,
 when a key or query is first roped at its position. Moving an already-roped vector by ``N`` positions
 (corpus queries, chunk offsets) is ``apply_rope`` alone: it never scales, so rotations compose,
 ``apply_rope(apply_rope(x, p), n) == apply_rope(x, p + n)``, and ``apply_rope(., -n)`` inverts.
 """
+
+from __future__ import annotations
 
 import math
 from typing import Any
@@ -29,9 +31,8 @@ from qroute.errors import ConfigError
 
 __all__ = [
     "apply_rope",
+    "PositionShift",
     "engine_cos_sin",
-    "rerope_like_engine",
-    "rerope_with_tables",
     "rope_attention_factor",
     "rope_inv_freq",
     "rope_is_interleaved",
@@ -221,54 +222,75 @@ def engine_cos_sin(
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def rerope_with_tables(
-    x: torch.Tensor,
-    from_cos_sin: tuple[torch.Tensor, torch.Tensor],
-    to_cos_sin: tuple[torch.Tensor, torch.Tensor],
-    interleaved: bool = True,
-) -> torch.Tensor:
-    """Undo the rotation ``from_cos_sin`` and apply ``to_cos_sin`` (rows from ``engine_cos_sin``).
+def _float64_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows ``[T, rope_dim // 2]`` as ``apply_rope`` forms them (float64 angles), in ``dtype``."""
+    if positions.dtype.is_floating_point or positions.dim() != 1:
+        raise ConfigError(f"rope tables: positions must be a 1-D int tensor, got {positions.dtype} "
+                          f"{tuple(positions.shape)}")  # fmt: skip
+    angle = positions.to(torch.float64)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float64)
+    return angle.cos().to(dtype), angle.sin().to(dtype)
 
-    x: ``[T, ..., rope_dim]`` (``[T, H, P]`` queries or ``[T, P]`` keys); tables ``[T, P // 2]`` each.
-    Computed in float32; returns x's shape and dtype. The plan/run split: build the tables once per
-    step, apply them per layer.
+
+class PositionShift:
+    """Moves rows roped at ``from_positions [T]`` to ``to_positions [T]``: the one way qroute re-positions rope.
+
+    Queries: a request's own row roped by the engine at own position ``i`` becomes the query roped at corpus
+    position ``N + i`` (``N`` corpus tokens in front). Keys: a prefilled chunk's ``k_pe`` stored at local
+    position ``i`` moves to ``chunk.start + i``. Plan/run: the tables are built once per step, applied per
+    layer. cos/sin are formed as the model that roped the rows forms them, so that a moved row matches one
+    roped at the target position: ``engine_table=True`` like vLLM's table (``engine_cos_sin``, cast to
+    ``table_dtype``), False like ``apply_rope`` (float64 angles; the reference model). A pure rotation: no
+    magnitude factor.
     """
-    half = x.shape[-1] // 2
-    (cos_a, sin_a), (cos_b, sin_b) = from_cos_sin, to_cos_sin
-    if x.shape[-1] != 2 * half or cos_a.shape != (x.shape[0], half) or cos_b.shape != cos_a.shape:
-        raise ConfigError(f"rerope: x {tuple(x.shape)} needs tables [{x.shape[0]}, {half}], got "
-                          f"{tuple(cos_a.shape)} and {tuple(cos_b.shape)}")
-    view = (x.shape[0], *([1] * (x.dim() - 2)), half)
-    cos_a, sin_a, cos_b, sin_b = (t.float().reshape(view) for t in (cos_a, sin_a, cos_b, sin_b))
-    xf = x.float()
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    else:
-        x1, x2 = xf[..., :half], xf[..., half:]
-    # Inverse of the engine's (x1*cos - x2*sin, x2*cos + x1*sin), then the forward rotation.
-    r1, r2 = x1 * cos_a + x2 * sin_a, x2 * cos_a - x1 * sin_a
-    o1, o2 = r1 * cos_b - r2 * sin_b, r2 * cos_b + r1 * sin_b
-    if interleaved:
-        out = torch.stack((o1, o2), dim=-1).flatten(-2)
-    else:
-        out = torch.cat((o1, o2), dim=-1)
-    return out.to(x.dtype)
 
+    __slots__ = ("from_cos_sin", "to_cos_sin", "interleaved")
 
-def rerope_like_engine(
-    x: torch.Tensor,
-    from_pos: torch.Tensor,
-    to_pos: torch.Tensor,
-    inv_freq: torch.Tensor,
-    interleaved: bool = True,
-    table_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Move ``x`` (roped by the engine at ``from_pos [T]``) to ``to_pos [T]`` with the engine's own table.
+    def __init__(self, from_positions: torch.Tensor, to_positions: torch.Tensor, inv_freq: torch.Tensor, *,
+                 interleaved: bool, engine_table: bool = True, table_dtype: torch.dtype = torch.float32):
+        if from_positions.shape != to_positions.shape:
+            raise ConfigError(f"PositionShift: from {tuple(from_positions.shape)} and to "
+                              f"{tuple(to_positions.shape)} positions differ in shape")  # fmt: skip
+        tables = engine_cos_sin if engine_table else _float64_cos_sin
+        self.from_cos_sin = tables(from_positions, inv_freq, table_dtype)
+        self.to_cos_sin = tables(to_positions, inv_freq, table_dtype)
+        self.interleaved = interleaved
 
-    E.g. a request's absorbed ``q_pe`` roped at its local position ``i`` becomes the query vLLM would
-    have roped at ``N + i`` (corpus of ``N`` tokens in front), and a corpus chunk's ``k_pe`` stored at
-    local position ``i`` moves to ``chunk.start + i``. A pure rotation (see ``engine_cos_sin``).
-    """
-    return rerope_with_tables(
-        x, engine_cos_sin(from_pos, inv_freq, table_dtype), engine_cos_sin(to_pos, inv_freq, table_dtype), interleaved
-    )
+    @classmethod
+    def _of(cls, from_cos_sin, to_cos_sin, interleaved: bool) -> PositionShift:
+        shift = cls.__new__(cls)
+        shift.from_cos_sin, shift.to_cos_sin, shift.interleaved = from_cos_sin, to_cos_sin, interleaved
+        return shift
+
+    def __len__(self) -> int:
+        return self.from_cos_sin[0].shape[0]
+
+    def first(self, n: int) -> PositionShift:
+        """The shift of the first ``n`` rows."""
+        (ca, sa), (cb, sb) = self.from_cos_sin, self.to_cos_sin
+        return PositionShift._of((ca[:n], sa[:n]), (cb[:n], sb[:n]), self.interleaved)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[T, ..., rope_dim]`` (``[T, H, P]`` queries or ``[T, P]`` keys), roped at the from-positions.
+        Computed in float32; returns x's shape and dtype, roped at the to-positions."""
+        half = x.shape[-1] // 2
+        (cos_a, sin_a), (cos_b, sin_b) = self.from_cos_sin, self.to_cos_sin
+        if x.shape[-1] != 2 * half or cos_a.shape != (x.shape[0], half):
+            raise ConfigError(f"PositionShift: x {tuple(x.shape)} needs tables [{x.shape[0]}, {half}], got "
+                              f"{tuple(cos_a.shape)}")  # fmt: skip
+        view = (x.shape[0], *([1] * (x.dim() - 2)), half)
+        cos_a, sin_a, cos_b, sin_b = (t.float().reshape(view) for t in (cos_a, sin_a, cos_b, sin_b))
+        xf = x.float()
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        else:
+            x1, x2 = xf[..., :half], xf[..., half:]
+        # Inverse of the engine's (x1*cos - x2*sin, x2*cos + x1*sin), then the forward rotation.
+        r1, r2 = x1 * cos_a + x2 * sin_a, x2 * cos_a - x1 * sin_a
+        o1, o2 = r1 * cos_b - r2 * sin_b, r2 * cos_b + r1 * sin_b
+        if self.interleaved:
+            out = torch.stack((o1, o2), dim=-1).flatten(-2)
+        else:
+            out = torch.cat((o1, o2), dim=-1)
+        return out.to(x.dtype)

@@ -5,10 +5,10 @@ Two sweeps of the same four operations, with different sizes: the *fit* sweep gi
 (``qroute.core.costfit``), the *held-out* sweep checks the cost model's ``route_us`` / ``fetch_us`` against
 measurements it was not fitted to.
 
-- route:   B query rows x H heads to the owner, which attends n tokens; the reply decoded and merged
-           (``route_part`` + ``merge``), as the router does per owner;
-- fetch:   one-sided READ of n tokens' rows in runs of k blocks (k blocks per descriptor), then local
-           attention of B rows over them;
+- route:   ``Router.run`` of one owner group planned as route: B query rows x H heads to the owner, which
+           attends n tokens; the reply decoded and merged with another part;
+- fetch:   ``Router.run`` of one owner group planned as fetch: one-sided READ of n tokens' rows in runs of k
+           blocks (k blocks per descriptor), then local attention of B rows over them;
 - compute: ``partial_attention`` of B x H rows over n tokens, alone;
 - merge:   ``merge`` of two parts of B x H rows.
 
@@ -95,22 +95,23 @@ def _ops(pair, points: tuple[Point, ...]) -> list:
     """A zero-argument callable per point, with inputs made beforehand."""
     import torch
 
-    from qroute.bench.pair import fetch_part, queries, route_part, select_blocks
+    from qroute.bench.pair import queries, select_blocks
+    from qroute.core.config import Mode
     from qroute.numerics.attention import merge, partial_attention
 
-    g, p = pair.geometry, pair.params
+    g, p, router = pair.geometry, pair.params, pair.router
     block = pair.directory.block_size
     rows = torch.randn(pair.directory.num_tokens, g.latent_width, generator=torch.Generator().manual_seed(1))
     ops = []
     for pt in points:
         q_nope, q_pe = queries(pt.batch, HEADS, g, seed=pt.batch)
         other = (torch.randn(pt.batch, HEADS, g.kv_lora_rank), torch.randn(pt.batch, HEADS))  # a part to merge with
-        if pt.op == "route":
-            blocks = select_blocks(pt.tokens, pt.tokens // block, block, pair.num_blocks)
-            ops.append(lambda q=q_nope, r=q_pe, b=blocks, o=other: merge([o, route_part(pair, q, r, b)]))
-        elif pt.op == "fetch":
-            blocks = select_blocks(pt.tokens, pt.run_blocks, block, pair.num_blocks)
-            ops.append(lambda q=q_nope, r=q_pe, b=blocks: fetch_part(pair, q, r, b))
+        if pt.op in ("route", "fetch"):  # the router's own run of one owner group, planned beforehand
+            runs = pt.tokens // block if pt.op == "route" else pt.run_blocks
+            blocks = select_blocks(pt.tokens, runs, block, pair.num_blocks)
+            plan = router.plan(pt.batch, block_ids=blocks, mode=Mode.ROUTE if pt.op == "route" else Mode.FETCH)
+            own = other if pt.op == "route" else None
+            ops.append(lambda q=q_nope, r=q_pe, pl=plan, o=own: router.run(0, q, r, pl, own=o))
         elif pt.op == "compute":
             slots = torch.arange(pt.tokens)
             ops.append(lambda q=q_nope, r=q_pe, s=slots: partial_attention(q, r, rows, s, p.scale, p.kv_lora_rank))

@@ -14,11 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qroute.core.config import COMPARED_MODES
 from qroute.errors import QRouteError
 from qroute.ops.cluster import ClusterSpec, completion, http_json, start_cluster, stop_cluster
 
 QUESTION = "Which function computes the area of a circle, and what does it return?"
-MODES = ("route", "fetch", "auto")
 TOLERANCE = 1e-4
 
 
@@ -47,11 +47,11 @@ def run_check(
     transport: str = "tcp",
     log=print,
 ) -> dict[str, Any]:
-    from qroute.core.config import load_directory_for
+    from qroute.core.corpus import place_model_corpus
     from qroute.ops.demo_core import question_ids
 
     ids = [f"i{k}" for k in range(num_instances)]
-    token_ids, directory = load_directory_for(model_dir, corpus_dir, name="corpus", instances=ids)
+    token_ids, directory = place_model_corpus(model_dir, corpus_dir, name="corpus", instances=ids)
     corpus_ids = token_ids.tolist()
     prompt = question_ids(model_dir, question)
     max_model_len = 1 << math.ceil(math.log2(len(corpus_ids) + len(prompt) + max_tokens + 1))
@@ -73,7 +73,7 @@ def run_check(
                               "instances": num_instances, "reference": reference, "modes": {}}  # fmt: skip
     try:
         url = state.instances[0].url
-        for mode in MODES:
+        for mode in COMPARED_MODES:
             result = _generate(url, prompt, max_tokens, {"qroute": {"corpus": "corpus", "mode": mode}})
             deltas = [abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"], strict=False)]
             report["modes"][mode] = {

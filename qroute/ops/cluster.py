@@ -262,7 +262,7 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
 
 def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
     """Start the instances, wait for them, prefill the corpus; stops everything again on failure."""
-    from qroute.core.config import load_directory_for
+    from qroute.core.corpus import place_model_corpus
 
     state = ClusterState(
         model_dir=str(spec.model_dir),
@@ -294,7 +294,7 @@ def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
         log(f"qroute: starting {spec.num_instances} vllm serve instance(s); logs in {state_dir() / 'logs'}")
         wait_healthy(state.instances, processes, START_TIMEOUT_S)
         if spec.corpus_dir is not None:
-            token_ids, directory = load_directory_for(
+            token_ids, directory = place_model_corpus(
                 spec.model_dir, spec.corpus_dir, name=spec.corpus_name, instances=spec.instance_ids(),
                 replicas=spec.replicas, blocks_per_chunk=spec.blocks_per_chunk,
             )  # fmt: skip

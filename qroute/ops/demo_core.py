@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from qroute.numerics.attention import merge
+from qroute.core.config import COMPARED_MODES
+from qroute.numerics.rope import PositionShift
 
 QUESTIONS = [
     "Where does the module define the connect function?",
@@ -61,31 +62,18 @@ def greedy(model, prompt: list[int], max_new: int, attend=None, position_shift: 
     return tokens[len(prompt) :], (time.perf_counter() - start) / max_new
 
 
-def _whole_corpus_attend(model, all_rows: list[torch.Tensor]):
-    """One instance holding the whole corpus as a cached prompt prefix: own tokens sit at their global
-    positions after it, and attend to it and causally to themselves (no rotation, no routing)."""
-    from qroute.numerics.attention import partial_attention
-
-    def attend(layer, q_nope, q_pe, own, q_positions):
-        rows = all_rows[layer]
-        own_part = model.self_attention(layer, q_nope, q_pe, own, q_positions)
-        corpus_part = partial_attention(
-            q_nope, q_pe, rows, torch.arange(rows.shape[0]), model.scale, model.kv_lora_rank
-        )
-        return merge([own_part, corpus_part])
-
-    return attend
-
-
 def _sharded_attend(model, router, corpus_tokens: int):
-    """Per layer: the own tokens' causal part merged with the corpus parts; planned once per step."""
+    """Per layer: the own tokens' causal part merged with the corpus parts; planned once per step, the queries
+    moved from own positions ``i`` to corpus positions ``corpus_tokens + i`` once per step too."""
     step = {}
 
     def attend(layer, q_nope, q_pe, own, q_positions):
         if layer == 0:
             step["plan"] = router.plan(q_nope.shape[0])
+            step["shift"] = PositionShift(q_positions, q_positions + corpus_tokens, router.params.inv_freq,
+                                          interleaved=router.params.interleaved, engine_table=False)  # fmt: skip
         own_part = model.self_attention(layer, q_nope, q_pe, own, q_positions)
-        return merge([own_part, router.run(layer, q_nope, q_pe, step["plan"], position_shift=corpus_tokens)])
+        return router.run(layer, q_nope, step["shift"](q_pe), step["plan"], own=own_part)
 
     return attend
 
@@ -99,7 +87,7 @@ def run_core_demo(
     from qroute.dataplane.peering import connect_owners
     from qroute.dataplane.router import Router, RouterConfig
     from qroute.ops.owner_process import start_owner
-    from qroute.reference.prepared import prepare_corpus
+    from qroute.reference.prepared import prefix_attend, prepare_corpus
     from qroute.reference.tinymodel import build_tiny_model
     from qroute.transport import get_transport
 
@@ -131,14 +119,14 @@ def run_core_demo(
         model, n = prepared.model, d.num_tokens
         prompts = [question_ids(model_dir, q) for q in QUESTIONS]
         reference = ModeResult()
-        whole = _whole_corpus_attend(model, prepared.all_rows)
+        whole = prefix_attend(model, prepared.all_rows)  # one instance holding the corpus as a cached prefix
         for prompt in prompts:
             tokens, tpot = greedy(model, prompt, max_new, whole, position_shift=n)
             reference.tokens.append(tokens)
             reference.seconds_per_token.append(tpot)
         results["single instance"] = reference
         fabric = load_fabric(f"loopback-{transport}")
-        for mode in ("route", "fetch", "auto"):
+        for mode in COMPARED_MODES:
             router = Router(RouterConfig(instance_id="a", mode=mode), d, prepared.geometry, fabric,
                             prepared.params, connections, local_shard=prepared.shard("a"))  # fmt: skip
             result = ModeResult()
@@ -147,7 +135,7 @@ def run_core_demo(
                 tokens, tpot = greedy(model, prompt, max_new, attend)
                 result.tokens.append(tokens)
                 result.seconds_per_token.append(tpot)
-            result.counts = router.stats.as_dict()
+            result.counts = dict(router.stats.snapshot().counters)
             results[mode] = result
         for connection in connections.values():
             connection.close()

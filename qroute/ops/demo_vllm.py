@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from qroute.core.config import COMPARED_MODES
 from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
 
 QUESTIONS = [
@@ -14,7 +15,6 @@ QUESTIONS = [
     "Which file implements the dump of a database?",
     "What does the adapter for dates return?",
 ]
-MODES = ("route", "fetch", "auto")
 
 
 def _ask(client, question: str, mode: str, max_tokens: int):
@@ -52,7 +52,7 @@ def run_vllm_demo(*, corpus: Path, transport: str, max_tokens: int, base_port: i
             f"{i.instance_id} at {i.url} owns {i.chunks} chunks" for i in state.instances), file=out)  # fmt: skip
         client = OpenAI(base_url=state.instances[0].url, api_key="qroute-demo")
         summary = {}
-        for mode in MODES:
+        for mode in COMPARED_MODES:
             totals = {"route": 0, "fetch": 0, "local": 0, "bytes_moved": 0}
             tpots = []
             for question in QUESTIONS:
@@ -60,7 +60,7 @@ def run_vllm_demo(*, corpus: Path, transport: str, max_tokens: int, base_port: i
                 tpots.append(tpot)
                 for key in totals:
                     totals[key] += int(counts.get(key, 0))
-                if mode == MODES[0]:
+                if mode == COMPARED_MODES[0]:
                     print(f"\nQ: {question}\nA: {answer!r}", file=out)
             summary[mode] = (totals, sum(tpots) / len(tpots))
     finally:

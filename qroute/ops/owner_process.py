@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
         transport.close()
         # the last line: what this owner did (``OwnerProcess.stop`` returns it)
-        print(json.dumps({"instance": args.instance, "stats": service.stats.summary()}), flush=True)
+        print(json.dumps({"instance": args.instance, "stats": service.stats.snapshot().as_dict()}), flush=True)
     return 0
 
 

@@ -17,37 +17,47 @@ What ``register()`` does, once per process:
    (An instance started with ``VLLM_PLUGINS`` excluding ``qroute`` gets neither the plugin nor the fix.)
 2. Registers the connector name ``QRouteConnector`` (lazy: ``qroute.connectors.vllm`` is imported only
    when an instance names it in ``--kv-transfer-config``).
-3. Registers the attention backend. CPU: the ``CPU_MLA`` slot (the only MLA slot the CPU platform
+3. Registers the attention backend, CPU only: the ``CPU_MLA`` slot (the only MLA slot the CPU platform
    honours) now resolves to ``QRouteCPUMLABackend``, which hands out vLLM's own ``CPUMLAImpl`` and
    metadata builder unless qroute is configured, so an unconfigured instance runs the stock classes.
-   CUDA: the ``CUSTOM`` slot, which vLLM uses only under ``--attention-backend CUSTOM``, so
-   registering it is inert for everyone else.
+   There is no CUDA backend yet: nothing is registered there, and ``ensure_active`` refuses CUDA.
 
 "Configured" means the instance's ``--kv-transfer-config`` names ``QRouteConnector`` (directly or inside
 a ``MultiConnector``). That config is the one source of truth: it reaches every process inside the
 pickled ``VllmConfig``, whereas ``sys.argv`` says nothing under the offline ``vllm.LLM`` API and an
-environment variable would be a second switch that can disagree with it.
+environment variable would be a second switch that can disagree with it. qroute inside a
+``MultiConnector`` counts as configured so that ``ensure_active`` refuses it at start-up with a clear
+message (the backend reaches the connector through ``get_kv_transfer_group()``, which is then the
+``MultiConnector``), rather than letting it start and fail on the first request.
+
+The attention backend depends on this module only; the connector declares what the backend needs from it
+by deriving from ``CorpusAttentionProvider`` (so imports run connectors -> plugin, never back).
 """
 
 from __future__ import annotations
 
+import abc
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vllm.logger import init_logger
 
 from qroute.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from vllm.config import VllmConfig
     from vllm.platforms.interface import Platform
+
+    from qroute.numerics.attention import Part
 
 __all__ = [
     "CONNECTOR_CLASS",
     "CONNECTOR_MODULE",
     "CONNECTOR_NAME",
     "CPU_BACKEND_PATH",
-    "CUDA_BACKEND_PATH",
+    "CorpusAttention",
+    "CorpusAttentionProvider",
     "ensure_active",
     "qroute_configured",
     "register",
@@ -60,7 +70,21 @@ CONNECTOR_NAME = "QRouteConnector"
 CONNECTOR_MODULE = "qroute.connectors.vllm"
 CONNECTOR_CLASS = "QRouteConnector"
 CPU_BACKEND_PATH = "qroute.plugin.vllm_backend.QRouteCPUMLABackend"
-CUDA_BACKEND_PATH = "qroute.plugin.vllm_backend.QRouteMLABackend"
+
+
+class CorpusAttention(Protocol):
+    """What the attention backend calls per layer and request (the connector's worker side)."""
+
+    def attend_corpus(self, layer: int, start: int, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part: ...
+
+
+class CorpusAttentionProvider(abc.ABC):
+    """A KV connector that attends its requests to the corpus (declared, STYLE 5): ``QRouteConnector``."""
+
+    @property
+    @abc.abstractmethod
+    def corpus_attention(self) -> CorpusAttention | None:
+        """The worker side (None where the connector has no worker role, e.g. the scheduler process)."""
 
 _lock = threading.Lock()
 _registered = False
@@ -115,9 +139,6 @@ def _register_backend(platform: Platform) -> None:
     if platform.is_cpu():
         # The CPU platform resolves MLA only to CPU_MLA or AMX_MLA (platforms/cpu.py get_attn_backend_cls).
         register_backend(AttentionBackendEnum.CPU_MLA, CPU_BACKEND_PATH)
-    elif platform.is_cuda():
-        # Used only under --attention-backend CUSTOM, so this is inert for every other instance.
-        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND_PATH)
 
 
 def qroute_configured(vllm_config: VllmConfig | None) -> bool:
@@ -135,6 +156,11 @@ def ensure_active(vllm_config: VllmConfig) -> None:
     global _active_logged
     if not qroute_configured(vllm_config):
         raise ConfigError(f"qroute is not configured: set --kv-transfer-config kv_connector={CONNECTOR_NAME!r}")
+    named = vllm_config.kv_transfer_config.kv_connector
+    if named != CONNECTOR_NAME:
+        raise ConfigError(f"qroute must be the instance's only KV connector: --kv-transfer-config names {named!r} "
+                          f"with {CONNECTOR_NAME} inside it, which qroute does not support; set "
+                          f"kv_connector={CONNECTOR_NAME!r}")  # fmt: skip
     if not _registered:
         raise ConfigError(
             "qroute's vLLM plugin did not run in this process; check that `qroute` is installed in this "
@@ -167,11 +193,5 @@ def _check_backend_selection(vllm_config: VllmConfig) -> str:
             raise ConfigError("this CPU has AMX, so vLLM would pick AMX_MLA; pass --attention-backend CPU_MLA")
         return f"{CPU_BACKEND_PATH} (CPU_MLA slot)"
     if current_platform.is_cuda():
-        if selected != AttentionBackendEnum.CUSTOM:
-            raise ConfigError("qroute on CUDA needs its backend in the CUSTOM slot; pass --attention-backend CUSTOM")
-        try:
-            AttentionBackendEnum.CUSTOM.get_class()
-        except ImportError as exc:
-            raise ConfigError(f"qroute's CUDA attention backend {CUDA_BACKEND_PATH} cannot be imported: {exc}") from exc
-        return f"{CUDA_BACKEND_PATH} (CUSTOM slot)"
-    raise ConfigError(f"qroute supports the CPU and CUDA platforms, not {current_platform.device_name!r}")
+        raise ConfigError("qroute has no CUDA attention backend yet; it runs on vLLM's CPU platform only")
+    raise ConfigError(f"qroute supports vLLM's CPU platform, not {current_platform.device_name!r}")

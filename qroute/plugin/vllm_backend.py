@@ -8,7 +8,7 @@ metadata builder; ``get_name()`` stays ``"CPU_MLA"``. Only an instance whose ``-
 
 Where qroute is configured, **every** query row (prefill and decode) is absorbed and goes to
 ``forward_mqa`` (builder: ``query_len_support = VARLEN``, ``reorder_batch_threshold = 1 << 30``,
-docs/vllm-internals.md (a)), which per request merges exactly (``qroute.numerics.attention.merge``):
+docs/vllm-internals.md (a)), which per request merges exactly (in ``Router.run``):
 
 - the own part: causal absorbed attention over the request's own tokens in the paged cache (row ``j`` of
   a request with ``qlen`` rows and ``seq_len`` tokens sees own positions ``<= seq_len - qlen + j``);
@@ -18,7 +18,6 @@ docs/vllm-internals.md (a)), which per request merges exactly (``qroute.numerics
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
@@ -31,11 +30,8 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
 from qroute.errors import ConfigError
-from qroute.numerics.attention import Part, merge, partial_attention
-from qroute.plugin.vllm import ensure_active, qroute_configured
-
-if TYPE_CHECKING:
-    from qroute.connectors.vllm_worker import QRouteWorkerSide
+from qroute.numerics.attention import Part, partial_attention
+from qroute.plugin.vllm import CorpusAttention, CorpusAttentionProvider, ensure_active, qroute_configured
 
 __all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "QRouteMLAMetadataBuilder"]
 
@@ -97,16 +93,14 @@ def own_part(
     )  # fmt: skip
 
 
-def _corpus_attention() -> QRouteWorkerSide | None:
+def _corpus_attention() -> CorpusAttention | None:
     """The connector's worker side, or None (no connector yet, e.g. during vLLM's profiling run)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-    from qroute.connectors.vllm import QRouteConnector
 
     if not has_kv_transfer_group():
         return None
     connector = get_kv_transfer_group()
-    if not isinstance(connector, QRouteConnector):
+    if not isinstance(connector, CorpusAttentionProvider):
         raise ConfigError(f"qroute's attention backend needs the QRouteConnector, got {type(connector).__name__}")
     return connector.corpus_attention
 
@@ -150,9 +144,8 @@ class QRouteCPUMLAImpl(CPUMLAImpl):
                 continue
             part = own_part(q_nope[a:b], q_pe[a:b], kv_c_and_k_pe_cache, decode.block_table[r], seq_lens[r],
                             self.scale)  # fmt: skip
-            extra = corpus.attend_corpus(layer_idx, a, q_nope[a:b], q_pe[a:b]) if corpus is not None else None
-            if extra is not None:
-                part = merge([part, extra])
+            if corpus is not None:
+                part = corpus.attend_corpus(layer_idx, a, q_nope[a:b], q_pe[a:b], part)
             out[a:b] = part[0].to(out.dtype)
             lse[a:b] = part[1]
         return out, lse

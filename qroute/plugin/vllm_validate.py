@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from qroute.core.config import CORPORA_ENV, MODES, corpus_names_from_argv
+from qroute.core.config import CORPORA_ENV, Mode, corpus_names_from_argv, parse_request_params
 from qroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,21 +61,11 @@ class CorpusValidator(LogitsProcessor):
         kv_params = (sampling_params.extra_args or {}).get("kv_transfer_params") or {}
         if not isinstance(kv_params, dict) or "qroute" not in kv_params:
             return
-        params = kv_params["qroute"]
-        if not isinstance(params, dict):
-            raise ValueError(f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
-        corpus = params.get("corpus")
-        if corpus is not None and not isinstance(corpus, str):
-            raise ValueError(f"kv_transfer_params.qroute.core.corpus must be a corpus name or null, got {corpus!r}")
-        known = known_corpora()
-        if corpus is not None and known is not None and corpus not in known:
-            raise ValueError(f"unknown corpus {corpus!r}; this instance serves {sorted(known)}")
-        mode = params.get("mode")
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"kv_transfer_params.qroute.mode {mode!r} is not one of {', '.join(MODES)}")
-        chunk = params.get("prefill_chunk")
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-            raise ValueError(f"kv_transfer_params.qroute.prefill_chunk must be an int >= 0, got {chunk!r}")
+        try:
+            parse_request_params(kv_params["qroute"], default_corpus=None, default_mode=Mode.AUTO,
+                                 known_corpora=known_corpora())  # fmt: skip
+        except ConfigError as exc:  # vLLM turns a ValueError here into HTTP 400
+            raise ValueError(str(exc)) from None
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         pass

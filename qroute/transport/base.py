@@ -5,16 +5,16 @@ Index (side that calls it, how often, whether a repeat is safe, who owns buffers
 Transport (one per process and kind; ``qroute.transport.get_transport(name, **opts)``)
   ``server(handler, *, regions, secret, on_hello, max_request_bytes)``  owner, once per service. Returns a
       ``Server`` that is not started. The transport keeps no reference to ``regions``; the server does.
-  ``connect(address, *, secret, hello, timeout_s)``  requester, once per owner. Handshake: HMAC-SHA256
-      challenge/response over the shared secret in both directions, then ``hello`` goes to the owner's
-      ``on_hello``. Raises HandshakeMismatch (wrong secret, rejected hello), RemoteDisconnected (nobody
-      listens), TransportTimeout.
+  ``connect(address, *, secret, hello, timeout_s)``  requester, once per owner. The one handshake
+      (``qroute.core.handshake``): both sides prove the shared secret over both nonces and what they carry,
+      and ``hello`` goes to the owner's ``on_hello``. Raises HandshakeMismatch (wrong secret, rejected
+      hello), RemoteDisconnected (nobody listens), TransportTimeout.
   ``close()``  once at shutdown; safe twice. Connections and servers must be closed first.
 
 Server (owner side)
   ``start() -> address``  once. ``address`` is what requesters pass to ``connect``.
   ``stop()``  once; safe twice. Open connections then fail with RemoteDisconnected.
-  ``stats() -> ServerStats``  any time, any thread; a snapshot.
+  ``stats() -> MetricsSnapshot``  any time, any thread; the ``qroute.metrics.SERVER`` counters.
   ``handler(payload) -> reply`` is called by the transport, possibly from several threads at once (TCP: one
       thread per connection; NIXL: its poll thread, and connection threads for payloads over a slot;
       loopback: one worker). An exception in it becomes a TransportError on the requester; the server keeps
@@ -47,21 +47,16 @@ refuses it without allocating it). Optional features are declared by mixins (``S
 from __future__ import annotations
 
 import abc
-import hashlib
-import hmac
 import math
-import os
-import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from qroute.errors import ConfigError, HandshakeMismatch, WireError
+from qroute.errors import ConfigError
+from qroute.metrics import MetricsSnapshot
 
 Handler = Callable[[bytes], bytes]
 HelloCheck = Callable[[bytes], bytes]
@@ -69,39 +64,6 @@ Buffer = Any  # numpy array, torch CPU tensor, bytearray, memoryview: anything b
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 DEFAULT_TIMEOUT_S = 10.0
-PROTOCOL_VERSION = 1  # 1: first version (HMAC-SHA256 both ways, fields framing)
-NONCE_BYTES = 32
-
-
-@dataclass(frozen=True)
-class ServerStats:
-    """A snapshot of a server's counters. ``reads`` stays 0 where reads bypass the owner's CPU (NIXL)."""
-
-    connections: int = 0
-    open_connections: int = 0
-    handshake_failures: int = 0
-    calls: int = 0
-    handler_errors: int = 0
-    refused: int = 0
-    protocol_errors: int = 0
-    reads: int = 0
-    read_bytes: int = 0
-
-
-class Counters:
-    """Mutable counters behind ``Server.stats()``; updated from several threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values = {f.name: 0 for f in fields(ServerStats)}
-
-    def bump(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[name] += n
-
-    def snapshot(self) -> ServerStats:
-        with self._lock:
-            return ServerStats(**self._values)
 
 
 class PendingCall(abc.ABC):
@@ -153,7 +115,7 @@ class Server(abc.ABC):
     def stop(self) -> None: ...
 
     @abc.abstractmethod
-    def stats(self) -> ServerStats: ...
+    def stats(self) -> MetricsSnapshot: ...
 
 
 class Transport(abc.ABC):
@@ -254,59 +216,3 @@ def deadline_after(timeout_s: float) -> float:
 
 def remaining(deadline: float) -> float:
     return deadline - time.monotonic()
-
-
-# ---- handshake helpers (shared by every transport) --------------------------------------------------------
-
-
-def new_nonce() -> bytes:
-    return os.urandom(NONCE_BYTES)
-
-
-def _proof(secret: bytes, label: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    return hmac.new(secret, label + server_nonce + client_nonce, hashlib.sha256).digest()
-
-
-def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    """What the requester sends to prove it knows the secret (labels stop a reflected proof)."""
-    return _proof(secret, b"qroute/requester", server_nonce, client_nonce)
-
-
-def server_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    return _proof(secret, b"qroute/owner", server_nonce, client_nonce)
-
-
-def verify_proof(expected: bytes, got: bytes, who: str) -> None:
-    if not hmac.compare_digest(expected, got):
-        raise HandshakeMismatch(f"{who} failed to prove the shared secret (check both sides' secret)")
-
-
-def check_secret(secret: object) -> bytes:
-    if not isinstance(secret, bytes | bytearray) or not secret:
-        raise ConfigError("secret: need non-empty bytes (the shared secret of the qroute cluster)")
-    return bytes(secret)
-
-
-_FIELD_LEN = struct.Struct(">I")
-
-
-def pack_fields(*items: bytes) -> bytes:
-    """Length-prefixed byte strings, for handshake messages (never the hot path)."""
-    return b"".join(_FIELD_LEN.pack(len(item)) + bytes(item) for item in items)
-
-
-def unpack_fields(data: bytes, count: int) -> list[bytes]:
-    out: list[bytes] = []
-    pos = 0
-    for _ in range(count):
-        if pos + 4 > len(data):
-            raise WireError(f"handshake message truncated at byte {pos} of {len(data)}")
-        (n,) = _FIELD_LEN.unpack_from(data, pos)
-        pos += 4
-        if pos + n > len(data):
-            raise WireError(f"handshake field of {n} bytes overruns the message ({len(data)} bytes)")
-        out.append(bytes(data[pos:pos + n]))
-        pos += n
-    if pos != len(data):
-        raise WireError(f"handshake message has {len(data) - pos} trailing bytes")
-    return out

@@ -7,8 +7,9 @@ body starts with an 8-byte request id (``PREFIX`` = header + id = 13 bytes).
   DATA     id, the ranges' bytes concatenated
   ERROR    id, u8 ``ErrorCode``, UTF-8 message (at most MAX_ERROR_BYTES)
   WAKE     id 0, no body: rouses an owner's poll thread from deep sleep (NIXL); never answered
-Handshake: SERVER_HELLO (magic, version, nonce) -> CLIENT_AUTH (fields: nonce, proof, hello, transport extra)
--> WELCOME (fields: proof, hello reply, JSON info, transport extra) or ERROR(HANDSHAKE) with id 0.
+Handshake (``qroute.core.handshake``): SERVER_HELLO (magic, version, nonce) -> CLIENT_AUTH (fields: nonce, proof,
+hello, transport extra) -> WELCOME (fields: proof, hello reply, JSON info, transport extra) or ERROR(HANDSHAKE) with
+id 0. Each proof covers both nonces and the other fields of its frame.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qroute.core.handshake import (
+    PROTOCOL_VERSION,
+    client_proof,
+    new_nonce,
+    pack_fields,
+    server_proof,
+    unpack_fields,
+    verify_proof,
+)
 from qroute.errors import (
     ConfigError,
+    ErrorCode,
     HandshakeMismatch,
     RemoteDisconnected,
     TransportError,
@@ -32,15 +43,8 @@ from qroute.errors import (
     WireError,
 )
 from qroute.transport.base import (
-    PROTOCOL_VERSION,
     Buffer,
-    client_proof,
-    new_nonce,
-    pack_fields,
     remaining,
-    server_proof,
-    unpack_fields,
-    verify_proof,
 )
 
 FRAME = struct.Struct(">IB")  # body length, kind
@@ -65,13 +69,6 @@ class Kind(enum.IntEnum):
     READ = 7
     DATA = 8
     WAKE = 9
-
-
-class ErrorCode(enum.IntEnum):
-    HANDLER = 1
-    REFUSED = 2
-    HANDSHAKE = 3
-    PROTOCOL = 4
 
 
 # ---- socket helpers: every wait has a deadline (None = forever) ---------------------------------------------
@@ -219,7 +216,7 @@ def client_handshake(sock: socket.socket, address: str, secret: bytes, hello: by
         raise HandshakeMismatch(f"{address} speaks transport protocol {magic!r} v{version}; "
                                 f"this requester speaks {MAGIC!r} v{PROTOCOL_VERSION}")
     client_nonce = new_nonce()
-    auth = pack_fields(client_nonce, client_proof(secret, server_nonce, client_nonce), hello, extra)
+    auth = pack_fields(client_nonce, client_proof(secret, server_nonce, client_nonce, hello, extra), hello, extra)
     send_all(sock, [FRAME.pack(len(auth), Kind.CLIENT_AUTH), auth], deadline, f"handshake with {address}")
     kind, body = _read_handshake_frame(sock, deadline, address)
     if kind == Kind.ERROR:
@@ -234,5 +231,5 @@ def client_handshake(sock: socket.socket, address: str, secret: bytes, hello: by
         info = json.loads(info_json)
     except (WireError, ValueError) as exc:
         raise HandshakeMismatch(f"{address}: malformed WELCOME: {exc}") from None
-    verify_proof(server_proof(secret, server_nonce, client_nonce), proof, "owner")
+    verify_proof(server_proof(secret, server_nonce, client_nonce, hello_reply, info_json, extra_reply), proof, "owner")
     return hello_reply, info, extra_reply

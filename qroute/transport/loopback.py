@@ -12,28 +12,23 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 
+from qroute.core.handshake import check_secret, client_proof, new_nonce, server_proof, verify_proof
 from qroute.errors import ConfigError, HandshakeMismatch, RemoteDisconnected, TransportError, TransportTimeout
+from qroute.metrics import SERVER, Metrics, MetricsSnapshot
 from qroute.transport.base import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_TIMEOUT_S,
     Buffer,
     Connection,
-    Counters,
     Handler,
     HelloCheck,
     PendingCall,
     Server,
-    ServerStats,
     Transport,
     byte_view,
     check_read,
-    check_secret,
-    client_proof,
     deadline_after,
-    new_nonce,
     region_views,
-    server_proof,
-    verify_proof,
 )
 
 _SERVERS: dict[str, LoopbackServer] = {}
@@ -86,7 +81,7 @@ class LoopbackServer(Server):
         self._running = False
         self._lock = threading.Lock()
         self._inflight: set[LoopbackPending] = set()
-        self._counters = Counters()
+        self._counters = Metrics(SERVER)
 
     def start(self) -> str:
         with self._lock:
@@ -115,24 +110,25 @@ class LoopbackServer(Server):
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout=1.0)  # a handler stuck forever must not hang stop()
 
-    def stats(self) -> ServerStats:
+    def stats(self) -> MetricsSnapshot:
         return self._counters.snapshot()
 
     # -- called by LoopbackConnection --
 
     def _accept(self, server_nonce: bytes, client_nonce: bytes, proof: bytes, hello: bytes) -> tuple[bytes, bytes]:
         try:
-            verify_proof(client_proof(self._secret, server_nonce, client_nonce), proof, "requester")
+            verify_proof(client_proof(self._secret, server_nonce, client_nonce, hello), proof, "requester")
             reply = self._on_hello(hello) if self._on_hello is not None else b""
         except HandshakeMismatch:
-            self._counters.bump("handshake_failures")
+            self._counters.add("handshake_failures")
             raise
         except Exception as exc:  # the application check failed: the requester must hear why
-            self._counters.bump("handshake_failures")
+            self._counters.add("handshake_failures")
             raise HandshakeMismatch(f"on_hello failed: {type(exc).__name__}: {exc}") from None
-        self._counters.bump("connections")
-        self._counters.bump("open_connections")
-        return server_proof(self._secret, server_nonce, client_nonce), bytes(reply)
+        self._counters.add("connections")
+        self._counters.add("open_connections")
+        reply = bytes(reply)
+        return server_proof(self._secret, server_nonce, client_nonce, reply), reply
 
     def _submit(self, payload: bytes) -> LoopbackPending:
         pending = LoopbackPending()
@@ -140,7 +136,7 @@ class LoopbackServer(Server):
             if not self._running:
                 raise RemoteDisconnected(f"{self.address} is stopped")
             if len(payload) > self.max_request_bytes:
-                self._counters.bump("refused")
+                self._counters.add("refused")
                 raise TransportError(f"request of {len(payload)} bytes refused: over the owner's "
                                      f"max_request_bytes={self.max_request_bytes}")
             self._inflight.add(pending)
@@ -157,8 +153,8 @@ class LoopbackServer(Server):
         for offset, length in ranges:
             dst[pos:pos + length] = src[offset:offset + length]
             pos += length
-        self._counters.bump("reads")
-        self._counters.bump("read_bytes", pos)
+        self._counters.add("reads")
+        self._counters.add("read_bytes", pos)
 
     def _serve(self) -> None:
         while True:
@@ -168,14 +164,14 @@ class LoopbackServer(Server):
             payload, pending = item
             if pending.done():  # failed by stop()
                 continue
-            self._counters.bump("calls")
+            self._counters.add("calls")
             try:
                 reply = self._handler(payload)
                 if not isinstance(reply, bytes | bytearray | memoryview):
                     raise TypeError(f"handler returned {type(reply).__name__}, expected bytes")
                 pending._finish(result=bytes(reply))
             except Exception as exc:  # a failing handler must not kill the owner
-                self._counters.bump("handler_errors")
+                self._counters.add("handler_errors")
                 pending._finish(error=TransportError(f"owner handler failed: {type(exc).__name__}: {exc}"))
             with self._lock:
                 self._inflight.discard(pending)
@@ -205,7 +201,7 @@ class LoopbackConnection(Connection):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._server._counters.bump("open_connections", -1)
+            self._server._counters.add("open_connections", -1)
 
     def __repr__(self) -> str:
         return f"LoopbackConnection({self._server.address}, closed={self._closed})"
@@ -229,7 +225,8 @@ class LoopbackTransport(Transport):
         if server is None:
             raise RemoteDisconnected(f"no loopback server at {address!r} in this process")
         server_nonce, client_nonce = new_nonce(), new_nonce()
+        hello = bytes(hello)
         proof, hello_reply = server._accept(server_nonce, client_nonce,
-                                            client_proof(secret, server_nonce, client_nonce), bytes(hello))
-        verify_proof(server_proof(secret, server_nonce, client_nonce), proof, "owner")
+                                            client_proof(secret, server_nonce, client_nonce, hello), hello)
+        verify_proof(server_proof(secret, server_nonce, client_nonce, hello_reply), proof, "owner")
         return LoopbackConnection(server, hello_reply)

@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from qroute.core.handshake import pack_fields, unpack_fields
 from qroute.errors import ConfigError, HandshakeMismatch, TransportError, WireError
+from qroute.metrics import MetricsSnapshot
 from qroute.transport.base import (
     Buffer,
     Handler,
     HelloCheck,
     Server,
-    ServerStats,
-    pack_fields,
     region_views,
-    unpack_fields,
 )
 from qroute.transport.frames import PREFIX, REQ_ID, Kind
 from qroute.transport.nixl_agent import (
@@ -126,7 +125,7 @@ class NixlServer(Server):
                 reg.release()
         self._agent = None
 
-    def stats(self) -> ServerStats:
+    def stats(self) -> MetricsSnapshot:
         return self._tcp.stats()
 
     # -- SessionHooks, called by the control channel's connection threads --
@@ -184,7 +183,7 @@ class NixlServer(Server):
                     self._drop_detached()
                 notifs = agent.notifs()
             except Exception:  # the owner must keep polling whatever one call did
-                self._tcp.counters.bump("protocol_errors")
+                self._tcp.counters.add("protocol_errors")
                 notifs = {}
             if not notifs:
                 backoff.pause()
@@ -194,17 +193,17 @@ class NixlServer(Server):
                     try:
                         self._on_notif(peer, msg)
                     except Exception:  # one bad message must not stop the owner
-                        self._tcp.counters.bump("protocol_errors")
+                        self._tcp.counters.add("protocol_errors")
             backoff.busy()
 
     def _on_notif(self, peer: str, msg: bytes) -> None:
         if len(msg) != NOTIF.size:
-            self._tcp.counters.bump("protocol_errors")
+            self._tcp.counters.add("protocol_errors")
             return
         kind, sid, req_id, slot, length, _ = NOTIF.unpack(msg)
         conn = self._conns.get(sid)
         if conn is None or conn.peer != peer:
-            self._tcp.counters.bump("protocol_errors")
+            self._tcp.counters.add("protocol_errors")
             return
         if conn.dead:
             return
@@ -214,10 +213,10 @@ class NixlServer(Server):
             agent.send_notif(peer, NOTIF.pack(PONG, sid, req_id, 0, 0, 0))
             return
         if kind != CALL or slot >= conn.num_slots:
-            self._tcp.counters.bump("protocol_errors")
+            self._tcp.counters.add("protocol_errors")
             return
         if length > conn.slot_bytes or length > self.max_request_bytes:
-            self._tcp.counters.bump("refused")
+            self._tcp.counters.add("refused")
             message = f"{length} bytes is over the owner's limit (max_request_bytes={self.max_request_bytes})"
             self._reply(conn, req_id, slot, ReplyStatus.REFUSED, message.encode())
             return

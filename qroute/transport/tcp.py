@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Mapping, Sequence
 
+from qroute.core.handshake import check_secret
 from qroute.errors import ConfigError, RemoteDisconnected, TransportError, TransportTimeout
 from qroute.transport.base import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -26,7 +27,6 @@ from qroute.transport.base import (
     Transport,
     byte_view,
     check_read,
-    check_secret,
     deadline_after,
     remaining,
 )

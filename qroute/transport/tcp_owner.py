@@ -18,25 +18,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from qroute.errors import ConfigError, HandshakeMismatch, RemoteDisconnected, TransportError, WireError
-from qroute.transport.base import (
+from qroute.core.handshake import (
     NONCE_BYTES,
     PROTOCOL_VERSION,
-    Buffer,
-    Counters,
-    Handler,
-    HelloCheck,
-    Server,
-    ServerStats,
-    check_read,
     check_secret,
     client_proof,
     new_nonce,
     pack_fields,
-    region_views,
     server_proof,
     unpack_fields,
     verify_proof,
+)
+from qroute.errors import ConfigError, ErrorCode, HandshakeMismatch, RemoteDisconnected, TransportError, WireError
+from qroute.metrics import SERVER, Metrics, MetricsSnapshot
+from qroute.transport.base import (
+    Buffer,
+    Handler,
+    HelloCheck,
+    Server,
+    check_read,
+    region_views,
 )
 from qroute.transport.frames import (
     FRAME,
@@ -47,7 +48,6 @@ from qroute.transport.frames import (
     PREFIX,
     REQ_ID,
     SERVER_HELLO,
-    ErrorCode,
     Kind,
     error_frame,
     recv_bytes,
@@ -154,7 +154,7 @@ class TcpServer(Server):
         self._lock = threading.Lock()
         self._running = False
         self._sids = itertools.count(1)
-        self.counters = Counters()
+        self.counters = Metrics(SERVER)
         self.address = ""
 
     def start(self) -> str:
@@ -192,7 +192,7 @@ class TcpServer(Server):
                 thread.join(timeout=max(deadline - time.monotonic(), 0.01))
         self._listener.close()
 
-    def stats(self) -> ServerStats:
+    def stats(self) -> MetricsSnapshot:
         return self.counters.snapshot()
 
     def send_frame(self, sid: int, parts: Sequence[Buffer], timeout_s: float) -> None:
@@ -204,13 +204,13 @@ class TcpServer(Server):
 
     def invoke(self, payload: bytes) -> tuple[bool, bytes]:
         """Run the handler: (True, reply) or (False, error message). Its exceptions never escape."""
-        self.counters.bump("calls")
+        self.counters.add("calls")
         try:
             reply = self._handler(payload)
             if not isinstance(reply, bytes | bytearray | memoryview):
                 raise TypeError(f"handler returned {type(reply).__name__}, expected bytes")
         except Exception as exc:  # a failing handler must not kill the owner
-            self.counters.bump("handler_errors")
+            self.counters.add("handler_errors")
             return False, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
         return True, reply if isinstance(reply, bytes) else bytes(reply)
 
@@ -243,7 +243,7 @@ class TcpServer(Server):
                 if admit:
                     self._socks.add(sock)
             if not admit:
-                self.counters.bump("refused")
+                self.counters.add("refused")
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -255,7 +255,7 @@ class TcpServer(Server):
         try:
             session = self._handshake(sock, peer)
             if session is not None:
-                self.counters.bump("open_connections")
+                self.counters.add("open_connections")
                 # blocking receives (one syscall per small request), bounded by SO_RCVTIMEO; sends use
                 # MSG_DONTWAIT and poll, so each has its own deadline
                 sock.setblocking(True)
@@ -266,7 +266,7 @@ class TcpServer(Server):
             pass  # the peer went away, stalled or sent garbage: only this connection ends
         finally:
             if session is not None:
-                self.counters.bump("open_connections", -1)
+                self.counters.add("open_connections", -1)
                 self._sessions.pop(session.sid, None)
                 if self._hooks is not None:
                     self._hooks.detach(session.sid)
@@ -275,7 +275,7 @@ class TcpServer(Server):
             sock.close()
 
     def _refuse(self, sock: socket.socket, code: ErrorCode, message: str, deadline: float) -> None:
-        self.counters.bump("handshake_failures" if code == ErrorCode.HANDSHAKE else "protocol_errors")
+        self.counters.add("handshake_failures" if code == ErrorCode.HANDSHAKE else "protocol_errors")
         try:
             send_all(sock, [error_frame(0, code, message)], deadline, "refusal")
         except TransportError:
@@ -297,7 +297,7 @@ class TcpServer(Server):
             client_nonce, proof, hello, extra = unpack_fields(body, 4)
             if len(client_nonce) != NONCE_BYTES:
                 raise WireError(f"requester nonce has {len(client_nonce)} bytes")
-            verify_proof(client_proof(self._secret, nonce, client_nonce), proof, "requester")
+            verify_proof(client_proof(self._secret, nonce, client_nonce, hello, extra), proof, "requester")
             reply = self._on_hello(hello) if self._on_hello is not None else b""
             sid = next(self._sids)
             extra_reply = self._hooks.attach(sid, extra) if self._hooks is not None else b""
@@ -310,7 +310,9 @@ class TcpServer(Server):
             return None
         info = json.dumps({"regions": self._region_sizes, "max_request_bytes": self.max_request_bytes,
                            "session": sid}).encode()
-        welcome = pack_fields(server_proof(self._secret, nonce, client_nonce), bytes(reply), info, extra_reply)
+        reply, extra_reply = bytes(reply), bytes(extra_reply)
+        proof = server_proof(self._secret, nonce, client_nonce, reply, info, extra_reply)
+        welcome = pack_fields(proof, reply, info, extra_reply)
         session = self._sessions[sid] = _Session(sid, sock, peer)
         try:
             send_all(sock, [FRAME.pack(len(welcome), Kind.WELCOME), welcome], deadline, "handshake")
@@ -319,7 +321,7 @@ class TcpServer(Server):
             if self._hooks is not None:
                 self._hooks.detach(sid)
             raise
-        self.counters.bump("connections")
+        self.counters.add("connections")
         return session
 
     def _frames(self, session: _Session) -> None:
@@ -331,7 +333,7 @@ class TcpServer(Server):
                     self._hooks.wake()
                 continue
             if length < REQ_ID.size or kind not in (Kind.REQUEST, Kind.READ):
-                self.counters.bump("protocol_errors")
+                self.counters.add("protocol_errors")
                 session.send([error_frame(req_id, ErrorCode.PROTOCOL, f"unexpected frame kind {kind} of "
                                           f"{length} bytes")], deadline)
                 return
@@ -339,7 +341,7 @@ class TcpServer(Server):
             limit = self.max_request_bytes if kind == Kind.REQUEST else MAX_READ_DESC_BYTES
             if rest > limit:
                 session.discard(rest)  # keeps the stream in sync without allocating the body
-                self.counters.bump("refused")
+                self.counters.add("refused")
                 session.send([error_frame(req_id, ErrorCode.REFUSED, f"{rest} bytes is over the owner's limit of "
                                           f"{limit} bytes (max_request_bytes)")], deadline)
                 continue
@@ -359,10 +361,10 @@ class TcpServer(Server):
             region, ranges = unpack_read(body)
             total = check_read(self._region_sizes, region, ranges, 1 << 62)
         except (ConfigError, WireError) as exc:
-            self.counters.bump("refused")
+            self.counters.add("refused")
             return [error_frame(req_id, ErrorCode.REFUSED, str(exc))]
-        self.counters.bump("reads")
-        self.counters.bump("read_bytes", total)
+        self.counters.add("reads")
+        self.counters.add("read_bytes", total)
         src = self._regions[region]
         # region slices go to the socket without a copy
         return [PREFIX.pack(REQ_ID.size + total, Kind.DATA, req_id), *(src[off:off + n] for off, n in ranges if n)]

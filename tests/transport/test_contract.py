@@ -12,13 +12,21 @@ import time
 import numpy as np
 import pytest
 
-from qroute.errors import ConfigError, HandshakeMismatch, RemoteDisconnected, TransportError, TransportTimeout
+from qroute.core import handshake
+from qroute.errors import (
+    ConfigError,
+    ErrorCode,
+    HandshakeMismatch,
+    RemoteDisconnected,
+    TransportError,
+    TransportTimeout,
+)
 from qroute.transport import SupportsRawPing, available_transports, get_transport
 from qroute.transport.frames import (
     FRAME,
     PREFIX,
     REQ_ID,
-    ErrorCode,
+    SERVER_HELLO,
     Kind,
     client_handshake,
     parse_address,
@@ -239,6 +247,46 @@ def test_garbage_on_the_socket_does_not_kill_the_server(transport, peer):
         assert c.call(b"estill serving", 5.0) == b"still serving"
 
 
+def _client_auth(sock: socket.socket, hello: bytes, deadline: float) -> tuple[bytes, bytes]:
+    """Read the owner's SERVER_HELLO and build a valid CLIENT_AUTH frame for it: (frame, server nonce)."""
+    length, kind = FRAME.unpack(recv_bytes(sock, FRAME.size, deadline, "server hello"))
+    _, _, server_nonce = SERVER_HELLO.unpack(recv_bytes(sock, length, deadline, "server hello"))
+    client_nonce = handshake.new_nonce()
+    proof = handshake.client_proof(SECRET, server_nonce, client_nonce, hello, b"")
+    body = handshake.pack_fields(client_nonce, proof, hello, b"")
+    return FRAME.pack(len(body), Kind.CLIENT_AUTH) + body, server_nonce
+
+
+def _handshake_answer(sock: socket.socket, frame: bytes, deadline: float) -> tuple[int, bytes]:
+    sock.sendall(frame)
+    length, kind = FRAME.unpack(recv_bytes(sock, FRAME.size, deadline, "answer"))
+    return kind, recv_bytes(sock, length, deadline, "answer")
+
+
+def test_a_recorded_client_auth_cannot_be_replayed_or_altered(transport, peer):
+    """The proofs bind both nonces and the hello: a CLIENT_AUTH seen on the network opens no other connection,
+    and its hello cannot be swapped for another one."""
+    if transport.name != "tcp":
+        pytest.skip("a raw handshake needs a TCP owner port (NIXL's control port adds agent metadata)")
+    address = parse_address(peer.socket_address)
+    deadline = time.monotonic() + 10.0
+    with socket.create_connection(address, timeout=5.0) as s:
+        recorded, _ = _client_auth(s, b"fine", deadline)
+        assert _handshake_answer(s, recorded, deadline)[0] == Kind.WELCOME  # the genuine handshake passes
+    with socket.create_connection(address, timeout=5.0) as s:
+        recv_bytes(s, FRAME.size + SERVER_HELLO.size, deadline, "server hello")  # a fresh nonce
+        kind, body = _handshake_answer(s, recorded, deadline)
+        assert (kind, body[REQ_ID.size]) == (Kind.ERROR, ErrorCode.HANDSHAKE)
+        assert b"failed to prove the shared secret" in body
+    with socket.create_connection(address, timeout=5.0) as s:
+        frame, _ = _client_auth(s, b"fine", deadline)
+        spliced = frame.replace(b"fine", b"evil")  # same proof, other hello
+        kind, body = _handshake_answer(s, spliced, deadline)
+        assert (kind, body[REQ_ID.size]) == (Kind.ERROR, ErrorCode.HANDSHAKE)
+    with transport.connect(peer.address, secret=SECRET, timeout_s=10.0) as c:
+        assert c.call(b"estill serving", 5.0) == b"still serving"
+
+
 def _raw_session_abuse(address: str) -> None:
     with socket.create_connection(parse_address(address), timeout=5.0) as s:
         s.setblocking(False)
@@ -336,9 +384,10 @@ def test_in_process_server_lifecycle_and_stats(transport):
             c.call(b"xtwo", 5.0)
         with pytest.raises(HandshakeMismatch):
             transport.connect(address, secret=b"wrong", timeout_s=5.0)
-        stats = server.stats()
-        assert (stats.calls, stats.handler_errors, stats.connections, stats.open_connections) == (2, 1, 1, 1)
-        assert stats.handshake_failures == 1
+        stats = server.stats().counters
+        assert (stats["calls"], stats["handler_errors"], stats["connections"], stats["open_connections"]) == (
+            2, 1, 1, 1)  # fmt: skip
+        assert stats["handshake_failures"] == 1
     finally:
         server.stop()
         server.stop()

@@ -167,26 +167,33 @@ def test_errors_name_the_key():
         apply_rope(torch.zeros(2, 64), torch.zeros(2), inv_freq, True)
 
 
-# --- engine-style rerope (rerope_like_engine): composes like the engine's float32 table ----------------
+# --- PositionShift: the one re-positioning, with the engine's float32 table or apply_rope's angles --------
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("shape", [(7, 4, 64), (7, 64)])
-def test_rerope_like_engine_moves_to_the_target_position(shape, interleaved):
-    from qroute.numerics.rope import engine_cos_sin, rerope_like_engine, rerope_with_tables
+def test_position_shift_moves_to_the_target_position(shape, interleaved):
+    from qroute.numerics.rope import PositionShift
 
     inv_freq = rope_inv_freq(DEFAULT_ROPE)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     local = torch.arange(3, 3 + shape[0])
     shift = 1000
     at_local = apply_rope(x, local, inv_freq, interleaved)
-    moved = rerope_like_engine(at_local, local, local + shift, inv_freq, interleaved)
+    engine = PositionShift(local, local + shift, inv_freq, interleaved=interleaved)
+    moved = engine(at_local)
     torch.testing.assert_close(moved, apply_rope(x, local + shift, inv_freq, interleaved), atol=2e-4, rtol=0)
-    back = rerope_like_engine(moved, local + shift, local, inv_freq, interleaved)
+    back = PositionShift(local + shift, local, inv_freq, interleaved=interleaved)(moved)
     torch.testing.assert_close(back, at_local, atol=1e-5, rtol=0)
-    tables = (engine_cos_sin(local, inv_freq), engine_cos_sin(local + shift, inv_freq))
-    assert torch.equal(rerope_with_tables(at_local, *tables, interleaved=interleaved), moved)
-    torch.testing.assert_close(rerope_like_engine(x, local, local, inv_freq, interleaved), x, atol=1e-6, rtol=0)
+    assert torch.equal(engine.first(3)(at_local[:3]), moved[:3]) and len(engine.first(3)) == 3
+    same = PositionShift(local, local, inv_freq, interleaved=interleaved)
+    torch.testing.assert_close(same(x), x, atol=1e-6, rtol=0)
+    # with apply_rope's own (float64) angles the move matches apply_rope at the target to float32 rounding
+    exact = PositionShift(local, local + shift, inv_freq, interleaved=interleaved, engine_table=False)
+    torch.testing.assert_close(exact(at_local), apply_rope(x, local + shift, inv_freq, interleaved), atol=2e-6,
+                               rtol=0)  # fmt: skip
+    with pytest.raises(ConfigError, match="differ in shape"):
+        PositionShift(local, local[:2], inv_freq, interleaved=interleaved)
 
 
 def test_engine_cos_sin_refuses_inexact_positions():

@@ -76,8 +76,7 @@ def test_route_and_fetch_equal_local_attention(prepared, owners):
         blocks = tuple(sorted(b for b, _ in prepared.shard(owner).block_rows.items()))[:5]
         for layer in range(prepared.model.num_layers):
             ref_out, ref_lse = local_part(prepared, layer, q_nope, q_pe, blocks)
-            request = wire.RouteRequest(1, "corpus", layer, wire.to_wire(q_nope), wire.to_wire(q_pe), 0, blocks,
-                                        10**6)  # fmt: skip
+            request = wire.RouteRequest(1, "corpus", layer, wire.to_wire(q_nope), wire.to_wire(q_pe), blocks, 10**6)
             reply = wire.decode(connection.call(wire.encode(request), 5.0))
             assert isinstance(reply, wire.RouteReply)
             # Same rows, same order, same float32 op in another process: equal up to the thread count's
@@ -93,7 +92,7 @@ def test_route_and_fetch_equal_local_attention(prepared, owners):
             ref = partial_attention(q_nope, q_pe, rows, torch.arange(rows.shape[0]), prepared.params.scale, 512)
             torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=0)
-        assert getattr(router.stats, mode) > 0
+        assert router.stats[mode] > 0
 
 
 def _blocks_of(prepared, only):

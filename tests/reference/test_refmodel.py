@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qroute.errors import ConfigError
-from qroute.numerics.attention import merge, partial_attention, rotate_query_rope
+from qroute.numerics.attention import merge, partial_attention
 from qroute.numerics.rope import apply_rope
 from qroute.reference.refmodel import RefMLAModel
 from qroute.reference.tinymodel import build_tiny_model
@@ -112,7 +112,7 @@ def _corpus_attend(ref, owners, offset, seed=0):
 
     def attend(layer, q_nope, q_pe, own_latents, q_positions):
         parts = [ref.self_attention(layer, q_nope, q_pe, own_latents, q_positions)]
-        q_corpus = rotate_query_rope(q_pe, offset, ref.inv_freq, ref.interleaved) if offset else q_pe
+        q_corpus = apply_rope(q_pe, offset, ref.inv_freq, ref.interleaved) if offset else q_pe
         for shard in owners:
             cache, slots = shard[layer]
             parts.append(partial_attention(q_nope, q_corpus, cache, slots, ref.scale, ref.kv_lora_rank))

@@ -99,7 +99,7 @@ def test_build_is_deterministic_across_processes(tmp_path: Path, model_dir: Path
         [sys.executable, "-c", code, str(tmp_path)],
         check=True,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         timeout=120,
     )
     assert _files(tmp_path) == _files(model_dir)

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from qroute.core.config import QRouteConfig
-from qroute.core.corpus import build_directory
-from qroute.dataplane.owner import AttentionParams, OwnerService, compat_for
+from qroute.core.placement import build_directory
+from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
-from qroute.dataplane.shard import CorpusShard, shard_layout
+from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
+from qroute.numerics.attention import AttentionParams
 
 SECRET = b"links-secret"
 

@@ -123,6 +123,20 @@ def test_ensure_active_refuses_a_broken_setup(plugin, monkeypatch):
         plugin.ensure_active(config)
 
 
+def test_qroute_inside_a_multi_connector_is_refused_at_start_up(plugin):
+    from vllm.config import KVTransferConfig
+
+    config = _config(qroute=True)
+    config.kv_transfer_config = KVTransferConfig(
+        kv_connector="MultiConnector", kv_role="kv_both",
+        kv_connector_extra_config={"connectors": [{"kv_connector": "QRouteConnector", "kv_role": "kv_both"},
+                                                  {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}]},
+    )  # fmt: skip
+    assert plugin.qroute_configured(config)  # so the backend and connector call ensure_active, which refuses
+    with pytest.raises(ConfigError, match="only KV connector.*MultiConnector"):
+        plugin.ensure_active(config)
+
+
 def test_ensure_active_refuses_when_register_never_ran(plugin, monkeypatch):
     monkeypatch.setattr(plugin, "_registered", False)
     with pytest.raises(ConfigError, match="VLLM_PLUGINS"):

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from qroute.numerics.attention import partial_attention
+from qroute.numerics.attention import merge, partial_attention
 
 HEADS, RANK, ROPE, BLOCK = 4, 512, 64, 16
 SCALE = 128**-0.5
@@ -104,11 +104,11 @@ def test_corpus_part_is_merged_per_request(backend, monkeypatch):
     calls = []
 
     class FakeWorker:
-        def attend_corpus(self, layer, start, qn, qp):
+        def attend_corpus(self, layer, start, qn, qp, own):  # as QRouteWorkerSide: own merged with its corpus
             calls.append((layer, start, qn.shape[0]))
             if starts[start] not in attends:
-                return None
-            return partial_attention(qn, qp, corpus_rows, torch.arange(50), SCALE, RANK)
+                return own
+            return merge([own, partial_attention(qn, qp, corpus_rows, torch.arange(50), SCALE, RANK)])
 
     monkeypatch.setattr(backend, "_corpus_attention", FakeWorker)
     out, lse = _impl(backend).forward_mqa((q_nope, q_pe), cache, meta, LAYER)

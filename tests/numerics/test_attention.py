@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import qroute.numerics.attention as attention
 from qroute.errors import ConfigError
-from qroute.numerics.attention import empty_part, lse_from_base2, merge, partial_attention, rotate_query_rope
-from qroute.numerics.rope import apply_rope, rope_inv_freq
+from qroute.numerics.attention import empty_part, lse_from_base2, merge, partial_attention
+from qroute.numerics.rope import PositionShift, apply_rope, rope_inv_freq
 
 ROPE = 64
 SCALE = 192**-0.5
@@ -183,9 +183,9 @@ def test_rotating_relative_query_equals_absolute_positions(num_corpus, interleav
     q_abs = apply_rope(q_raw, local + num_corpus, inv_freq, interleaved)
     ref = attention_ref(q_nope, q_abs, cache, SCALE, 512)
     q_rel = apply_rope(q_raw, local, inv_freq, interleaved)
-    for offset in (num_corpus, torch.tensor(num_corpus), torch.full((num_tokens,), num_corpus)):
-        q_rot = rotate_query_rope(q_rel, offset, inv_freq, interleaved)
-        assert_part_close(partial_attention(q_nope, q_rot, cache, slots, SCALE), ref)
+    for shift in (PositionShift(local, local + num_corpus, inv_freq, interleaved=interleaved, engine_table=False),
+                  PositionShift(local, local + num_corpus, inv_freq, interleaved=interleaved)):  # fmt: skip
+        assert_part_close(partial_attention(q_nope, shift(q_rel), cache, slots, SCALE), ref)
 
 
 def test_lse_from_base2():

@@ -1,4 +1,4 @@
-"""qroute.numerics.rope.rerope_like_engine against vLLM's own rotary embedding: moving a query roped at its local
+"""qroute.numerics.rope.PositionShift against vLLM's own rotary embedding: moving a query roped at its local
 position ``i`` to ``N + i`` gives what vLLM computes when it ropes the raw query at ``N + i`` (the exactness
 reference), closer than the float64-angle ``apply_rope`` path."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qroute.numerics.rope import apply_rope, rerope_like_engine, rope_inv_freq
+from qroute.numerics.rope import PositionShift, apply_rope, rope_inv_freq
 
 ROPE, HEADS, N = 64, 4, 5000
 CONFIG = {"rope_theta": 10000.0, "qk_rope_head_dim": ROPE, "qk_nope_head_dim": 64}
@@ -34,7 +34,7 @@ def test_rerope_matches_the_engine_roping_at_the_target(vllm_rope):
     local = torch.arange(16)
     inv_freq = rope_inv_freq(CONFIG)
     want = _engine(vllm_rope, local + N, x)
-    got = rerope_like_engine(_engine(vllm_rope, local, x), local, local + N, inv_freq)
+    got = PositionShift(local, local + N, inv_freq, interleaved=True)(_engine(vllm_rope, local, x))
     float64_path = apply_rope(_engine(vllm_rope, local, x), N, inv_freq, interleaved=True)
     err = (got - want).abs().max().item()
     assert err < 5e-6, err

@@ -12,17 +12,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from qroute.core.corpus import (
-    FILE_HEADER,
-    CorpusDirectory,
-    CorpusLayout,
-    CorpusWarning,
-    build_directory,
-    corpus_version,
-    load_encoder,
-    place_chunk,
-    tokenize_corpus,
-)
+from qroute.core.corpus import FILE_HEADER, CorpusWarning, load_encoder, tokenize_corpus
+from qroute.core.placement import CorpusDirectory, CorpusLayout, build_directory, corpus_version, place_chunk
 from qroute.errors import ConfigError, CorpusError
 
 SEP = [0xFFFF]
@@ -329,21 +320,21 @@ def test_version_hash_is_deterministic_and_sensitive() -> None:
 
 def _version_in_subprocess(tokens: list[int]) -> str:
     code = (
-        "import sys, json; from qroute.core.corpus import corpus_version, CorpusLayout;"
+        "import sys, json; from qroute.core.placement import corpus_version, CorpusLayout;"
         "print(corpus_version(json.load(sys.stdin), CorpusLayout()))"
     )
     env = dict(os.environ, PYTHONHASHSEED="123")
     out = subprocess.run([sys.executable, "-c", code], input=str(tokens), capture_output=True, text=True,
-                         env=env, check=True, cwd=Path(__file__).parents[1])
+                         env=env, check=True, cwd=Path(__file__).parents[2])
     return out.stdout.strip()
 
 
 def test_placement_is_deterministic_across_processes() -> None:
-    code = ("from qroute.core.corpus import place_chunk; "
+    code = ("from qroute.core.placement import place_chunk; "
             "print([place_chunk('p', c, ['a','b','c'])[0] for c in range(50)])")
     env = dict(os.environ, PYTHONHASHSEED="7")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=Path(__file__).parents[1])
+                         cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == str([place_chunk("p", c, ["a", "b", "c"])[0] for c in range(50)])
 
 
@@ -353,4 +344,4 @@ def test_core_imports_without_torch_or_engines() -> None:
         "import qroute.core.corpus, qroute.core.wire;"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

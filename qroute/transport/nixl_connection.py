@@ -1,0 +1,295 @@
+"""NIXL transport, requester side: ``NixlConnection`` (one per owner) and its pending calls.
+
+See ``nixl.py`` for the message protocol (slots, notifications, big messages, reads, pings, wakes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from qroute.errors import RemoteDisconnected, TransportError, TransportTimeout
+from qroute.transport.base import (
+    DEFAULT_TIMEOUT_S,
+    Buffer,
+    Connection,
+    PendingCall,
+    SupportsRawPing,
+    byte_view,
+    check_read,
+    deadline_after,
+)
+from qroute.transport.nixl_agent import (
+    CACHED_CLASS_MAX,
+    CALL,
+    NOTIF,
+    PING,
+    PONG,
+    REPLY,
+    Backoff,
+    NixlAgent,
+    RegHandle,
+    ReplyStatus,
+    XferHandle,
+    descs,
+    size_class,
+)
+from qroute.transport.tcp import TcpConnection, TcpPending
+
+
+class _Pump(Protocol):
+    """What a connection needs of its ``NixlTransport`` (typed here so that this module need not import it)."""
+
+    slot_bytes: int
+    num_slots: int
+
+    def _pump(self) -> None: ...
+
+    def _forget(self, conn: NixlConnection) -> None: ...
+
+_CTRL_CHECK_S = 1e-3  # how often a waiting requester looks for EOF on the control socket
+
+class NixlPending(TcpPending):
+    """A call sent through an inbox slot; completed by the poll of notifications (or the control channel)."""
+
+    __slots__ = ("owner", "slot")
+
+    def wait(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
+        deadline = deadline_after(timeout_s)
+        self.owner._spin_wait(self, deadline)
+        return self.outcome()
+
+    def done(self) -> bool:
+        if not self.finished:  # nobody may be polling: make progress without blocking
+            if self.via_control:
+                self.conn.poll_nowait()
+            else:
+                self.owner._transport._pump()
+        return self.finished
+
+    def __repr__(self) -> str:
+        return f"NixlPending(req_id={self.req_id}, slot={self.slot}, finished={self.finished})"
+
+
+class NixlConnection(Connection, SupportsRawPing):
+    def __init__(self, transport: _Pump, agent: NixlAgent, ctrl: TcpConnection, peer: str,
+                 buffers: dict[str, np.ndarray], regs: dict[str, RegHandle], descriptor: dict):
+        self._transport, self._agent, self._ctrl, self.peer = transport, agent, ctrl, peer
+        self.sid = ctrl.session
+        self.hello_reply = ctrl.hello_reply
+        self._regions = {name: (int(a), int(n)) for name, (a, n) in descriptor["regions"].items()}
+        self.region_sizes = dict(ctrl.region_sizes)  # regions of 0 bytes exist but are not registered
+        self._inbox_addr, self.slot_bytes = int(descriptor["inbox_addr"]), int(descriptor["slot_bytes"])
+        self._buffers, self._regs = buffers, regs
+        self._stride = transport.slot_bytes
+        self._free = list(range(transport.num_slots))[::-1]
+        self._handles: dict[tuple[int, int], XferHandle] = {}
+        self._lock = threading.Lock()
+        self._ping_seen = 0
+        self._wake_after_s = float(descriptor.get("wake_after_s", float("inf")))
+        self._last_sent = time.monotonic()
+        self._ping_next = 1
+        self._closed = False
+
+    def call(self, payload: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
+        deadline = deadline_after(timeout_s)
+        pending = self._post(payload, deadline)
+        if isinstance(pending, NixlPending):
+            self._spin_wait(pending, deadline)
+        else:
+            self._ctrl.wait_frame(pending, deadline)
+        return pending.outcome()
+
+    def post(self, payload: bytes, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> PendingCall:
+        return self._post(payload, deadline_after(timeout_s))
+
+    def _post(self, payload: bytes, deadline: float) -> TcpPending:
+        n = memoryview(payload).nbytes
+        self._ctrl.check_size(n)
+        with self._lock:
+            self._check_open()
+            use_control = n > self.slot_bytes or not self._free
+        if use_control:
+            return self._ctrl.send_request(payload, deadline)  # big, or every slot busy
+        with self._lock:
+            self._check_open()
+            if not self._free:
+                return self._ctrl.send_request(payload, deadline)
+            pending = self._ctrl.new_pending(cls=NixlPending)
+            assert isinstance(pending, NixlPending)
+            pending.via_control, pending.owner, pending.slot = False, self, self._free.pop()
+            notif = NOTIF.pack(CALL, self.sid, pending.req_id, pending.slot, n, 0)
+            try:
+                self._ring_if_quiet(deadline)
+                if n == 0:
+                    self._agent.send_notif(self.peer, notif)
+                else:
+                    self._write_slot(pending.slot, payload, n, notif, deadline)
+            except TransportError as exc:
+                # the slot stays taken: whether the owner saw it is unknown
+                self._ctrl.fail(exc if isinstance(exc, RemoteDisconnected) else
+                                RemoteDisconnected(f"NIXL send to {self._ctrl.address} failed: {exc}"))
+                raise
+        return pending
+
+    def _write_slot(self, slot: int, payload: bytes, n: int, notif: bytes, deadline: float) -> None:
+        send = self._buffers["send"]
+        base = slot * self._stride
+        send[base:base + n] = np.frombuffer(payload, np.uint8)
+        size = size_class(n, self.slot_bytes)
+        handle = self._handles.get((slot, size))
+        if handle is None:
+            handle = self._agent.xfer(
+                "WRITE", descs([(self._regs["send"].addr + base, size)]),
+                descs([(self._inbox_addr + slot * self.slot_bytes, size)]), self.peer, f"call slot={slot} {size}B")
+            if size <= CACHED_CLASS_MAX:
+                self._handles[(slot, size)] = handle
+        try:
+            self._agent.run(handle, notif, deadline)
+        except TransportError:
+            self._handles.pop((slot, size), None)
+            raise
+        finally:
+            if size > CACHED_CLASS_MAX:
+                handle.release()
+
+    def read(self, region: str, ranges: Sequence[tuple[int, int]], out: Buffer,
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        deadline = deadline_after(timeout_s)
+        dst = byte_view(out, writable=True, what="read out")
+        total = check_read(self.region_sizes, region, ranges, dst.nbytes)
+        if total == 0:
+            return
+        self._ctrl.poll_nowait()  # a dead owner shows as EOF here, before NIXL complains
+        with self._lock:
+            self._check_open()
+            staging = self._buffers["staging"]
+            temp = None if total <= staging.nbytes else self._agent.register(dst[:total])
+            local_base = self._regs["staging"].addr if temp is None else temp.addr
+            base = self._regions[region][0]
+            local, remote, pos = [], [], 0
+            for offset, length in ranges:
+                if length:
+                    local.append((local_base + pos, length))
+                    remote.append((base + offset, length))
+                    pos += length
+            try:
+                handle = self._agent.xfer("READ", descs(local), descs(remote), self.peer, f"read {region}")
+                try:
+                    self._agent.run(handle, b"", deadline)
+                finally:
+                    handle.release()
+            except TransportTimeout:
+                # NIXL may still write into the staging buffer: nothing may use this connection any more
+                self._ctrl.fail(RemoteDisconnected(f"a read from {self._ctrl.address} timed out; connection dropped"))
+                raise
+            except RemoteDisconnected as exc:
+                self._ctrl.fail(exc)
+                raise
+            finally:
+                if temp is not None:
+                    temp.release()
+            if temp is None:
+                dst[:total] = staging[:total]
+
+    def raw_notif_rtt(self, n: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[float]:
+        deadline = deadline_after(timeout_s)
+        times = []
+        for _ in range(n):
+            with self._lock:
+                self._check_open()
+                seq, self._ping_next = self._ping_next, self._ping_next + 1
+            self._ring_if_quiet(deadline)
+            start = time.perf_counter()
+            self._agent.send_notif(self.peer, NOTIF.pack(PING, self.sid, seq, 0, 0, 0))
+            while self._ping_seen < seq:
+                self._transport._pump()
+                if time.monotonic() > deadline:
+                    raise TransportTimeout(f"ping {seq} to {self._ctrl.address}: no answer before the deadline")
+                os.sched_yield()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._ctrl.close()
+        self._transport._forget(self)
+        for handle in self._handles.values():
+            try:
+                handle.release()
+            except TransportError:
+                pass
+        for reg in self._regs.values():
+            reg.release()
+        self._agent.remove_remote(self.peer)
+
+    def __repr__(self) -> str:
+        return f"NixlConnection({self._ctrl.address}, sid={self.sid}, peer={self.peer}, closed={self._closed})"
+
+    # -- internals --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RemoteDisconnected(f"connection to {self._ctrl.address} is closed")
+        self._ctrl.raise_if_dead()
+
+    def _ring_if_quiet(self, deadline: float) -> None:
+        """The owner may be in deep sleep if we were quiet for a while: ring its control socket first."""
+        now = time.monotonic()
+        if now - self._last_sent > self._wake_after_s:
+            self._ctrl.send_wake(deadline)
+        self._last_sent = now
+
+    def _spin_wait(self, pending: NixlPending, deadline: float) -> None:
+        ctrl, transport = self._ctrl, self._transport
+        backoff = Backoff(transport.spin_s, transport.idle_sleep_s)
+        next_check = time.monotonic() + _CTRL_CHECK_S
+        while not pending.finished:
+            if pending.via_control:
+                ctrl.wait_frame(pending, deadline)
+                return
+            transport._pump()
+            if pending.finished:
+                return
+            now = time.monotonic()
+            if now >= next_check:
+                ctrl.poll_nowait()  # EOF from a dead owner fails every pending call, this one included
+                next_check = now + _CTRL_CHECK_S
+            if now > deadline:
+                raise TransportTimeout(f"no reply from {ctrl.address} before the deadline")
+            backoff.pause()
+
+    def _on_notif(self, kind: bytes, req_id: int, slot: int, length: int, status: int) -> None:
+        """Called by whichever thread polls the agent's notifications."""
+        if kind == PONG:
+            self._ping_seen = max(self._ping_seen, req_id)
+            return
+        pending = self._ctrl.lookup(req_id)
+        if kind != REPLY or not isinstance(pending, NixlPending) or pending.slot != slot:
+            return
+        if status == ReplyStatus.VIA_CONTROL:
+            pending.via_control = True  # the reply is a frame on the control socket
+            self._release_slot(slot)
+            return
+        start = slot * self._stride
+        body = self._buffers["reply"][start:start + min(length, self.slot_bytes)].tobytes()
+        self._release_slot(slot)
+        if status == ReplyStatus.OK:
+            self._ctrl.finish(pending, result=body)
+        else:
+            prefix = "owner handler failed" if status == ReplyStatus.HANDLER_ERROR else "owner refused the request"
+            self._ctrl.finish(pending, error=TransportError(f"{prefix}: {body.decode('utf-8', 'replace')}"))
+
+    def _release_slot(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
