@@ -7,8 +7,10 @@ exact merge of all corpus parts and the caller's own part (one merge: "own + cor
 Queries arrive roped at their corpus positions (the caller moves them: ``numerics.rope.PositionShift``).
 
 Failures: each remote call has a deadline. A failed route tries the next replica, then a fetch from
-any replica; a failed fetch tries the next replica. When nothing answers, ``run`` raises
-``QRouteError`` naming the blocks: never a silently partial result.
+any replica; a failed fetch tries the next replica. A route that timed out does not rule out a read
+from the same owner where reads need no owner CPU (``SupportsOneSidedRead``: NIXL), so calls and reads
+of a peer fail separately. When nothing answers, ``run`` raises ``QRouteError`` naming the blocks:
+never a silently partial result.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qroute.dataplane.shard import BlockRows, CorpusShard, block_tokens, byte_ra
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
 from qroute.metrics import ROUTER, Metrics
 from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
+from qroute.transport import SupportsOneSidedRead
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +72,46 @@ class StepPlan:
 
 
 class Peer:
-    """A connection to one owner and that owner's shard layout (for one-sided reads)."""
+    """A connection to one owner and that owner's shard layout (for one-sided reads).
 
-    __slots__ = ("instance_id", "connection", "block_rows", "failed_at")
+    Calls (routes) and reads (fetches) fail separately: a stalled owner may time out calls while its memory is
+    still readable one-sidedly.
+    """
+
+    __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at")
 
     def __init__(self, instance_id: str, connection, block_rows: BlockRows):
         self.instance_id = instance_id
         self.connection = connection
         self.block_rows = block_rows
-        self.failed_at = -float("inf")
+        self.calls_failed_at = -float("inf")
+        self.reads_failed_at = -float("inf")
+
+    @property
+    def can_call(self) -> bool:
+        return time.monotonic() - self.calls_failed_at > DEAD_PEER_BACKOFF_S
+
+    @property
+    def can_read(self) -> bool:
+        return time.monotonic() - self.reads_failed_at > DEAD_PEER_BACKOFF_S
 
     @property
     def alive(self) -> bool:
-        return time.monotonic() - self.failed_at > DEAD_PEER_BACKOFF_S
+        return self.can_call and self.can_read
+
+    def failed(self, exc: Exception, *, reading: bool) -> None:
+        """Back off from this peer after a transport failure of a call or a read."""
+        now = time.monotonic()
+        if reading:
+            self.reads_failed_at = now
+        else:
+            self.calls_failed_at = now
+        one_sided = isinstance(self.connection, SupportsOneSidedRead)
+        if isinstance(exc, ConnectionError) or not one_sided:  # gone (RemoteDisconnected too), or reads need its CPU
+            self.calls_failed_at = self.reads_failed_at = now
 
     def __repr__(self) -> str:
-        return f"Peer({self.instance_id!r}, alive={self.alive})"
+        return f"Peer({self.instance_id!r}, can_call={self.can_call}, can_read={self.can_read})"
 
 
 class Router:
@@ -217,8 +244,8 @@ class Router:
     def _post_route(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart, owner: str):
         """Post a route request; returns (owner, pending call, payload size, start) or the exception."""
         peer = self.peers.get(owner)
-        if peer is None or not peer.alive:
-            return owner, ConnectionError(f"owner {owner!r} is not connected or recently failed"), 0, 0.0
+        if peer is None or not peer.can_call:
+            return owner, _Unreachable(f"owner {owner!r} is not connected or recently failed"), 0, 0.0
         payload = self.route_request(layer, q_nope, q_pe, part.block_ids)
         try:
             return owner, peer.connection.post(payload), len(payload), time.perf_counter()
@@ -248,7 +275,7 @@ class Router:
                 self.stats.add("route")
                 return result
             except (TransportError, RemoteError, ConnectionError, wire.WireError) as exc:
-                self._failed(owner, exc)
+                self._failed(owner, exc, reading=False)
                 tried.append(f"route to {owner!r}: {exc}")
                 self.stats.add("fallbacks")
         return self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners, tried)
@@ -279,7 +306,7 @@ class Router:
             try:
                 rows = self.read_rows(layer, part.block_ids, owner)
             except (TransportError, ConnectionError, ConfigError) as exc:
-                self._failed(owner, exc)
+                self._failed(owner, exc, reading=True)
                 tried.append(f"fetch from {owner!r}: {exc}")
                 self.stats.add("fallbacks")
                 continue
@@ -295,8 +322,8 @@ class Router:
     def read_rows(self, layer: int, block_ids: tuple[int, ...], owner: str) -> torch.Tensor:
         """One-sided read of ``block_ids``' latent rows of ``layer`` from ``owner``: ``[num_tokens, width]``."""
         peer = self.peers.get(owner)
-        if peer is None or not peer.alive:
-            raise ConnectionError(f"owner {owner!r} is not connected or recently failed")
+        if peer is None or not peer.can_read:
+            raise _Unreachable(f"owner {owner!r} is not connected or recently failed")
         ranges = byte_ranges(peer.block_rows, block_ids, self.row_bytes)
         total = sum(length for _, length in ranges)
         out = np.empty(total, dtype=np.uint8)
@@ -310,10 +337,14 @@ class Router:
         sizes = [block_tokens(self.directory, b) for b in block_ids]
         self.cache.put(self.directory.name, layer, block_ids, list(rows.split(sizes)))
 
-    def _failed(self, owner: str, exc: Exception) -> None:
+    def _failed(self, owner: str, exc: Exception, *, reading: bool) -> None:
         logger.warning("qroute: owner %r failed: %s", owner, exc)
         self.stats.error(owner, f"{owner}: {exc}")
         peer = self.peers.get(owner)
-        # A refusal (bad request, unknown corpus) is not a dead peer; a transport failure is.
-        if peer is not None and not isinstance(exc, RemoteError):
-            peer.failed_at = time.monotonic()
+        # A refusal (bad request, unknown corpus) is not a dead peer, nor is one we skipped; a transport failure is.
+        if peer is not None and not isinstance(exc, RemoteError | _Unreachable):
+            peer.failed(exc, reading=reading)
+
+
+class _Unreachable(ConnectionError):
+    """A peer that is not connected or is backing off: skipped, not a new failure."""

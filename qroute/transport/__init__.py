@@ -10,9 +10,9 @@ import importlib
 from typing import Any
 
 from qroute.errors import ConfigError
-from qroute.transport.base import Connection, PendingCall, Server, SupportsRawPing, Transport
+from qroute.transport.base import Connection, PendingCall, Server, SupportsOneSidedRead, SupportsRawPing, Transport
 
-__all__ = ["Connection", "PendingCall", "Server", "SupportsRawPing", "Transport",
+__all__ = ["Connection", "PendingCall", "Server", "SupportsOneSidedRead", "SupportsRawPing", "Transport",
            "available_transports", "get_transport", "register_transport"]
 
 _REGISTRY: dict[str, tuple[str, str]] = {

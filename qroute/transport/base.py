@@ -41,7 +41,8 @@ PendingCall
 
 Every wait has a deadline: expiry raises TransportTimeout; a peer known to be gone raises RemoteDisconnected.
 A payload over the owner's ``max_request_bytes`` raises TransportError without being sent (the owner also
-refuses it without allocating it). Optional features are declared by mixins (``SupportsRawPing``).
+refuses it without allocating it). Optional features are declared by mixins (``SupportsRawPing``,
+``SupportsOneSidedRead``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ class Transport(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: only transports with process-wide state override it
         """Release transport-wide resources; safe twice."""
+
+
+class SupportsOneSidedRead(abc.ABC):  # noqa: B024 - a declaration: it adds no method
+    """Connections whose ``read`` needs no CPU on the owner (NIXL READ): a read may still succeed from an owner
+    whose calls time out (stalled, overloaded), so a requester should try it before giving up on that owner."""
 
 
 class SupportsRawPing(abc.ABC):

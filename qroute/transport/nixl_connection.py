@@ -19,6 +19,7 @@ from qroute.transport.base import (
     Buffer,
     Connection,
     PendingCall,
+    SupportsOneSidedRead,
     SupportsRawPing,
     byte_view,
     check_read,
@@ -76,7 +77,7 @@ class NixlPending(TcpPending):
         return f"NixlPending(req_id={self.req_id}, slot={self.slot}, finished={self.finished})"
 
 
-class NixlConnection(Connection, SupportsRawPing):
+class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
     def __init__(self, transport: _Pump, agent: NixlAgent, ctrl: TcpConnection, peer: str,
                  buffers: dict[str, np.ndarray], regs: dict[str, RegHandle], descriptor: dict):
         self._transport, self._agent, self._ctrl, self.peer = transport, agent, ctrl, peer

@@ -123,10 +123,15 @@ def test_lost_owner_falls_back_within_the_deadline(prepared, owners, how, mode):
 
     start = time.monotonic()
     plan = router.plan(2, block_ids=only_b)
-    if kind == "nixl" and mode == "fetch" and how == signal.SIGSTOP:
-        # A one-sided READ needs no CPU on the owner: a stalled owner's memory is still read.
+    if kind == "nixl" and how == signal.SIGSTOP:
+        # A one-sided READ needs no CPU on the owner: a stalled owner's memory is still read, also after its
+        # route timed out (route -> replica (a: not serving) -> fetch from b).
+        fetches, fallbacks = router.stats["fetch"], router.stats["fallbacks"]
         torch.testing.assert_close(router.run(0, q_nope, q_pe, plan)[0],
                                    local_part(prepared, 0, q_nope, q_pe, only_b)[0], atol=1e-5, rtol=0)  # fmt: skip
+        assert router.stats["fetch"] == fetches + 1  # the kind that finally answered
+        if mode == "route":
+            assert router.stats["fallbacks"] > fallbacks  # the route failed first
     else:
         with pytest.raises(QRouteError, match="unavailable"):  # a is not serving here and b is gone
             router.run(0, q_nope, q_pe, plan)
