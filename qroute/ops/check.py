@@ -2,8 +2,13 @@
 
 Reference: one stock instance (qroute installed, so the same CPU RoPE fix, but not configured),
 prompt = corpus tokens + question tokens, float32, greedy. Then the corpus sharded over N qroute
-instances, the prompt holding only the question, in modes route, fetch and auto. Reported per mode:
-whether the generated tokens are identical and the largest |delta logprob| of the chosen tokens.
+instances in small chunks (``--blocks-per-chunk``), so that every instance owns several and every run
+merges a local part with routed or fetched parts from each other instance; the question (its prompt holding
+only the question) is asked on **every** instance in modes route, fetch and auto, all at once (so several
+requests share each engine step). Reported per instance and mode: whether the generated tokens are
+identical, the largest |delta logprob| of the generated and of the question's prompt tokens, and the
+owner-layer operations by kind against the exact expected numbers (layers x steps x owner groups). A
+negative control asks the same question without the corpus, which must fail the comparison.
 """
 
 from __future__ import annotations
@@ -11,36 +16,64 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from qroute.core.config import COMPARED_MODES
+from qroute.core.config import COMPARED_MODES, Mode
 from qroute.errors import QRouteError
 from qroute.ops.cluster import ClusterSpec, completion, http_json, start_cluster, stop_cluster
 
 QUESTION = "Which function computes the area of a circle, and what does it return?"
 TOLERANCE = 1e-4
+BLOCKS_PER_CHUNK = 2  # 32-token chunks: a corpus of a few hundred tokens spreads over every instance
 
 
-def _tokens_and_logprobs(reply: dict[str, Any]) -> tuple[list[int], list[float]]:
-    logprobs = reply["choices"][0]["logprobs"]
+def _greedy(url: str, prompt: list[int], max_tokens: int, params: dict | None = None) -> dict[str, Any]:
+    reply = completion(url, prompt, max_tokens=max_tokens, kv_transfer_params=params, logprobs=True,
+                       extra={"return_tokens_as_token_ids": True, "prompt_logprobs": 1})  # fmt: skip
+    choice = reply["choices"][0]
+    logprobs = choice["logprobs"]
     # return_tokens_as_token_ids makes each token "token_id:<id>"
     tokens = [int(t.rsplit(":", 1)[1]) for t in logprobs["tokens"]]
-    return tokens, [float(x) for x in logprobs["token_logprobs"]]
+    prompt_lps = [None if d is None else d[str(tok)]["logprob"]
+                  for tok, d in zip(prompt, choice["prompt_logprobs"], strict=True)]  # fmt: skip
+    return {"tokens": tokens, "logprobs": [float(x) for x in logprobs["token_logprobs"]],
+            "prompt_logprobs": prompt_lps, "qroute": (reply.get("kv_transfer_params") or {}).get("qroute")}  # fmt: skip
 
 
-def _generate(url: str, prompt: list[int], max_tokens: int, params: dict | None = None) -> dict[str, Any]:
-    reply = completion(url, prompt, max_tokens=max_tokens, kv_transfer_params=params, logprobs=True,
-                       extra={"return_tokens_as_token_ids": True})  # fmt: skip
-    tokens, logprobs = _tokens_and_logprobs(reply)
-    return {"tokens": tokens, "logprobs": logprobs, "kv_transfer_params": reply.get("kv_transfer_params")}
+def _compare(reference: dict[str, Any], got: dict[str, Any], num_question: int) -> dict[str, Any]:
+    generated = [abs(a - b) for a, b in zip(reference["logprobs"], got["logprobs"], strict=True)]
+    # The question's prompt positions 1..: position 0 has no logprob in a qroute request (nothing before it in
+    # its own prompt), and in the reference it is the first token after the corpus.
+    prompt = [abs(a - b) for a, b in zip(reference["prompt_logprobs"][-num_question + 1:], got["prompt_logprobs"][1:],
+                                         strict=True)]  # fmt: skip
+    return {"tokens_identical": got["tokens"] == reference["tokens"], "tokens": got["tokens"],
+            "max_abs_dlogprob": max(generated), "max_abs_dlogprob_prompt": max(prompt)}  # fmt: skip
+
+
+def expected_operations(directory, instance: str, num_layers: int, steps: int) -> dict[str, int]:
+    """Owner-layer operations of one dense request on ``instance`` over ``steps`` engine steps: one local
+    operation per layer and step if it holds part of the corpus, one remote one per other owner group."""
+    held = any(instance in chunk.owners for chunk in directory.chunks)
+    remote = {chunk.owners for chunk in directory.chunks if instance not in chunk.owners}
+    per_step = num_layers * steps
+    return {"local": per_step * int(held), "remote": per_step * len(remote)}
+
+
+def _counts_ok(mode: str, counts: dict[str, int], expected: dict[str, int]) -> bool:
+    remote = {Mode.ROUTE: (expected["remote"], 0), Mode.FETCH: (0, expected["remote"])}.get(mode)
+    got_remote = (counts["route"], counts["fetch"])
+    remote_ok = got_remote == remote if remote is not None else sum(got_remote) == expected["remote"]
+    return remote_ok and counts["local"] == expected["local"] and "error" not in counts
 
 
 def run_check(
     model_dir: Path,
     corpus_dir: Path,
     *,
-    num_instances: int = 2,
+    num_instances: int = 3,
+    blocks_per_chunk: int = BLOCKS_PER_CHUNK,
     max_tokens: int = 8,
     question: str = QUESTION,
     base_port: int = 8300,
@@ -48,60 +81,85 @@ def run_check(
     log=print,
 ) -> dict[str, Any]:
     from qroute.core.corpus import place_model_corpus
+    from qroute.core.geometry import load_config
     from qroute.ops.demo_core import question_ids
 
     ids = [f"i{k}" for k in range(num_instances)]
-    token_ids, directory = place_model_corpus(model_dir, corpus_dir, name="corpus", instances=ids)
+    token_ids, directory = place_model_corpus(model_dir, corpus_dir, name="corpus", instances=ids,
+                                              blocks_per_chunk=blocks_per_chunk)  # fmt: skip
     corpus_ids = token_ids.tolist()
     prompt = question_ids(model_dir, question)
     max_model_len = 1 << math.ceil(math.log2(len(corpus_ids) + len(prompt) + max_tokens + 1))
+    num_layers = int(load_config(model_dir)["num_hidden_layers"])
 
     log(f"qroute check: corpus {len(corpus_ids)} tokens, question {len(prompt)} tokens; reference instance")
     reference_spec = ClusterSpec(model_dir=model_dir, corpus_dir=None, num_instances=1, base_port=base_port,
                                  max_model_len=max(max_model_len, 2048))  # fmt: skip
     state = start_cluster(reference_spec, log=log)
     try:
-        reference = _generate(state.instances[0].url, corpus_ids + prompt, max_tokens)
+        reference = _greedy(state.instances[0].url, corpus_ids + prompt, max_tokens)
     finally:
         stop_cluster(state)
 
-    log(f"qroute check: {num_instances} qroute instances")
-    spec = ClusterSpec(model_dir=model_dir, corpus_dir=corpus_dir, num_instances=num_instances,
-                       base_port=base_port, transport=transport)  # fmt: skip
+    log(f"qroute check: {num_instances} qroute instances, {len(directory.chunks)} chunks of "
+        f"{directory.chunk_tokens} tokens")  # fmt: skip
+    spec = ClusterSpec(model_dir=model_dir, corpus_dir=corpus_dir, num_instances=num_instances, base_port=base_port,
+                       transport=transport, blocks_per_chunk=blocks_per_chunk)  # fmt: skip
     state = start_cluster(spec, log=log)
-    report: dict[str, Any] = {"corpus_tokens": len(corpus_ids), "question_tokens": len(prompt),
-                              "instances": num_instances, "reference": reference, "modes": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "corpus_tokens": len(corpus_ids), "question_tokens": len(prompt), "instances": num_instances,
+        "transport": transport, "chunks": len(directory.chunks),
+        "chunks_per_instance": {i: len(directory.chunks_of(i)) for i in ids},
+        "reference": reference, "runs": {},
+    }  # fmt: skip
     try:
-        url = state.instances[0].url
-        for mode in COMPARED_MODES:
-            result = _generate(url, prompt, max_tokens, {"qroute": {"corpus": "corpus", "mode": mode}})
-            deltas = [abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"], strict=False)]
-            report["modes"][mode] = {
-                "tokens_identical": result["tokens"] == reference["tokens"],
-                "max_abs_dlogprob": max(deltas) if deltas else float("nan"),
-                "tokens": result["tokens"],
-                "qroute": (result["kv_transfer_params"] or {}).get("qroute"),
-            }
-        status, body = http_json(url + "/completions", {
+        urls = {info.instance_id: info.url for info in state.instances}
+        jobs = {(i, str(mode)): (urls[i], {"qroute": {"corpus": "corpus", "mode": str(mode)}})
+                for i in ids for mode in COMPARED_MODES}  # fmt: skip
+        jobs[(ids[0], "no corpus")] = (urls[ids[0]], {"qroute": {"corpus": None}})
+        with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: several requests in each engine step
+            futures = {key: pool.submit(_greedy, url, prompt, max_tokens, params)
+                       for key, (url, params) in jobs.items()}  # fmt: skip
+            results = {key: future.result() for key, future in futures.items()}
+        for (instance, mode), got in results.items():
+            run = _compare(reference, got, len(prompt))
+            if mode == "no corpus":
+                report["negative_control"] = run
+                continue
+            expected = expected_operations(directory, instance, num_layers, max_tokens)
+            counts = got["qroute"] or {}
+            run.update(qroute=counts, expected_operations=expected, counts_ok=_counts_ok(mode, counts, expected))
+            report["runs"][f"{instance}/{mode}"] = run
+        status, body = http_json(urls[ids[0]] + "/completions", {
             "model": "tiny", "prompt": prompt, "max_tokens": 1,
             "kv_transfer_params": {"qroute": {"corpus": "no-such-corpus"}},
         })  # fmt: skip
         report["unknown_corpus"] = {"status": status, "message": str(body)[:300]}
     finally:
         stop_cluster(state)
-    report["passed"] = all(
-        m["tokens_identical"] and m["max_abs_dlogprob"] <= TOLERANCE for m in report["modes"].values()
+    negative = report["negative_control"]
+    report["negative_control_fails"] = not negative["tokens_identical"] or negative["max_abs_dlogprob"] > TOLERANCE
+    report["passed"] = report["negative_control_fails"] and all(
+        r["tokens_identical"] and r["max_abs_dlogprob"] <= TOLERANCE and r["max_abs_dlogprob_prompt"] <= TOLERANCE
+        and r["counts_ok"] for r in report["runs"].values()
     )
     return report
 
 
 def _print(report: dict[str, Any]) -> None:
     print(f"reference tokens: {report['reference']['tokens']}")
-    print(f"{'mode':6s} {'identical':>9s} {'max|dlogprob|':>14s}  route/fetch/local")
-    for mode, m in report["modes"].items():
-        q = m["qroute"] or {}
-        print(f"{mode:6s} {str(m['tokens_identical']):>9s} {m['max_abs_dlogprob']:>14.2e}  "
-              f"{q.get('route')}/{q.get('fetch')}/{q.get('local')}")  # fmt: skip
+    print(f"chunks per instance: {report['chunks_per_instance']}")
+    print(f"{'instance/mode':14s} {'identical':>9s} {'max|dlp| gen':>13s} {'prompt':>9s}  route/fetch/local "
+          "(expected local, remote)")  # fmt: skip
+    for key, r in report["runs"].items():
+        q, e = r["qroute"], r["expected_operations"]
+        print(f"{key:14s} {str(r['tokens_identical']):>9s} {r['max_abs_dlogprob']:>13.2e} "
+              f"{r['max_abs_dlogprob_prompt']:>9.2e}  {q.get('route')}/{q.get('fetch')}/{q.get('local')} "
+              f"({e['local']}, {e['remote']}){'' if r['counts_ok'] else '  COUNTS WRONG'}")  # fmt: skip
+    n = report["negative_control"]
+    verdict = "fails as it must" if report["negative_control_fails"] else "DID NOT FAIL"
+    print(f"negative control (no corpus): identical {n['tokens_identical']}, max|dlogprob| "
+          f"{n['max_abs_dlogprob']:.2e} -> {verdict}")
     print(f"unknown corpus -> HTTP {report['unknown_corpus']['status']}")
     print("PASS" if report["passed"] else f"FAIL (tolerance {TOLERANCE})")
 
@@ -110,7 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     from qroute.ops.cluster_cli import model_dir_or_tiny
 
     report = run_check(model_dir_or_tiny(args.model_dir), Path(args.corpus).resolve(),
-                       num_instances=args.instances, max_tokens=args.max_tokens, transport=args.transport,
+                       num_instances=args.instances, blocks_per_chunk=args.blocks_per_chunk,
+                       max_tokens=args.max_tokens, transport=args.transport,
                        log=(lambda *_: None) if args.json else print)  # fmt: skip
     if args.json:
         print(json.dumps(report))
@@ -124,7 +183,9 @@ def _run(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("check", help="exactness of route / fetch / auto against a single instance")
     parser.add_argument("--corpus", required=True)
-    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--blocks-per-chunk", type=int, default=BLOCKS_PER_CHUNK,
+                        help="corpus blocks (16 tokens) per chunk; small chunks spread a small corpus")
     parser.add_argument("--model-dir")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--transport", choices=["tcp", "nixl"], default="tcp")

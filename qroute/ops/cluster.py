@@ -312,13 +312,18 @@ def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
 
 
 def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *, log=print) -> None:
-    """Exact-mode corpus prefill: chunk by chunk in order, on every owner of the chunk."""
+    """Exact-mode corpus prefill: chunk by chunk in order, on every owner of the chunk. A chunk that an owner
+    reports as not stored (or with an error) raises ``QRouteError``: never a silently missing chunk."""
     urls = {i.instance_id: i.url for i in state.instances}
     start = time.monotonic()
     for chunk in directory.chunks:
         for owner in chunk.owners:
             params = {"qroute": {"corpus": directory.name, "prefill_chunk": chunk.chunk_id}}
-            completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1, kv_transfer_params=params)
+            reply = completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1, kv_transfer_params=params)
+            report = (reply.get("kv_transfer_params") or {}).get("qroute") or {}
+            if report.get("error") or report.get("stored_chunk") != chunk.chunk_id:
+                raise QRouteError(f"prefill of chunk {chunk.chunk_id} of corpus {directory.name!r} on {owner!r} was "
+                                  f"not stored: {report.get('error') or report or 'no qroute report in the reply'}")
         if chunk.chunk_id % 8 == 7 or chunk.chunk_id == len(directory.chunks) - 1:
             log(f"qroute: prefilled chunk {chunk.chunk_id + 1}/{len(directory.chunks)} of corpus {directory.name!r} "
                 f"({time.monotonic() - start:.1f} s)")  # fmt: skip

@@ -1,16 +1,20 @@
-"""End to end through real ``vllm serve`` instances: the corpus sharded over two qroute instances
-reproduces one stock instance holding corpus + question (DESIGN.md section 5), in every mode; an
-unknown corpus is an HTTP 400. One reference instance, then two qroute instances (about 3 minutes)."""
+"""End to end through real ``vllm serve`` instances: the corpus sharded over three qroute instances, every one
+owning chunks, reproduces one stock instance holding corpus + question (DESIGN.md section 5) in every mode, asked
+on every instance at once; exact owner-layer counts by kind; a negative control that must fail; an unknown
+corpus is an HTTP 400. One reference instance, then three qroute instances (about 4 minutes)."""
 
 import pytest
 
+from qroute.core.config import COMPARED_MODES
 from qroute.ops.check import TOLERANCE, run_check
+
+INSTANCES = ["i0", "i1", "i2"]
 
 
 @pytest.fixture(scope="module")
 def report(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-    return run_check(tiny_fp32_model, sample_corpus, num_instances=2, max_tokens=8, base_port=8450)
+    return run_check(tiny_fp32_model, sample_corpus, num_instances=len(INSTANCES), max_tokens=8, base_port=8450)
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +23,45 @@ def monkeypatch_module():
         yield mp
 
 
-@pytest.mark.parametrize("mode", ["route", "fetch", "auto"])
-def test_sharded_corpus_reproduces_single_instance(report, mode):
-    result = report["modes"][mode]
-    assert result["tokens_identical"], (result["tokens"], report["reference"]["tokens"])
-    assert result["max_abs_dlogprob"] <= TOLERANCE
-    counts = result["qroute"]
-    assert counts is not None and counts["corpus"] == "corpus"
-    if mode in ("route", "fetch"):
-        # The other instance holds part of the corpus, so every layer reached it in this mode.
-        assert counts[mode] > 0
-        assert counts["fetch" if mode == "route" else "route"] == 0
+def test_every_instance_owns_part_of_the_corpus(report):
+    assert set(report["chunks_per_instance"]) == set(INSTANCES)
+    assert all(n >= 2 for n in report["chunks_per_instance"].values()), report["chunks_per_instance"]
+
+
+@pytest.mark.parametrize("instance", INSTANCES)
+@pytest.mark.parametrize("mode", [str(m) for m in COMPARED_MODES])
+def test_sharded_corpus_reproduces_single_instance(report, instance, mode):
+    run = report["runs"][f"{instance}/{mode}"]
+    assert run["tokens_identical"], (run["tokens"], report["reference"]["tokens"])
+    assert run["max_abs_dlogprob"] <= TOLERANCE
+    assert run["max_abs_dlogprob_prompt"] <= TOLERANCE
+    counts, expected = run["qroute"], run["expected_operations"]
+    assert counts["corpus"] == "corpus" and "error" not in counts
+    # Every run merged a local part with a part from each other instance (3 instances, replicas 1).
+    assert expected["local"] > 0 and expected["remote"] == 2 * expected["local"]
+    assert counts["local"] == expected["local"]
+    if mode == "route":
+        assert (counts["route"], counts["fetch"]) == (expected["remote"], 0)
+    elif mode == "fetch":
+        assert (counts["route"], counts["fetch"]) == (0, expected["remote"])
+    else:
+        assert counts["route"] + counts["fetch"] == expected["remote"]
     assert counts["bytes_moved"] > 0
+    assert run["counts_ok"]
+
+
+def test_fetch_runs_end_to_end_and_moves_more_than_route(report):
+    for instance in INSTANCES:
+        route, fetch = (report["runs"][f"{instance}/{m}"]["qroute"] for m in ("route", "fetch"))
+        assert fetch["bytes_moved"] > route["bytes_moved"]
+
+
+def test_the_negative_control_fails_the_comparison(report):
+    """Without the corpus the same question must not pass: the check can tell."""
+    negative = report["negative_control"]
+    assert report["negative_control_fails"]
+    assert negative["max_abs_dlogprob_prompt"] > 100 * TOLERANCE
+    assert report["passed"]
 
 
 def test_unknown_corpus_is_a_400(report):

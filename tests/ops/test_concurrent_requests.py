@@ -1,0 +1,140 @@
+"""Many agents at once, end to end through the official ``openai`` client: four different questions in flight at
+once over three qroute instances (so several requests share each engine step), through completions and chat,
+streaming and not, each equal to one stock instance holding corpus + question; a ``"corpus": null`` request in the
+same batch equals a plain instance without the corpus. And a corpus prefill that an instance does not store is an
+error of the launcher, never a silently missing chunk. One reference instance, then three qroute instances."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from qroute.core.corpus import place_model_corpus
+from qroute.errors import QRouteError
+from qroute.ops.cluster import ClusterSpec, prefill_corpus_http, start_cluster, stop_cluster
+from qroute.ops.demo_core import question_ids
+
+QUESTIONS = [
+    "Which function computes the area of a circle?",
+    "What does the store return for a missing key?",
+    "Where is the square case handled?",
+    "What is the README about?",
+]
+INSTANCES = ["i0", "i1", "i2"]
+BLOCKS_PER_CHUNK = 2
+MAX_TOKENS = 6
+
+
+def _ids(tokens: list[str]) -> list[int]:
+    return [int(t.rsplit(":", 1)[1]) for t in tokens]  # return_tokens_as_token_ids: "token_id:<id>"
+
+
+ON_CORPUS = {"qroute": {"corpus": "corpus"}}
+NO_CORPUS = {"qroute": {"corpus": None}}  # a qroute instance attending to its own tokens only
+
+
+def _extra(kv: dict | None = ON_CORPUS) -> dict:
+    return {"return_tokens_as_token_ids": True, **({"kv_transfer_params": kv} if kv is not None else {})}
+
+
+def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON_CORPUS) -> list[int]:
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1)
+    if not stream:
+        reply = client.completions.create(**kwargs, extra_body=_extra(kv))
+        if kv is ON_CORPUS:  # qroute reports what it did: a local part on every instance, no error
+            qroute = ((reply.model_extra or {}).get("kv_transfer_params") or {}).get("qroute")
+            assert qroute and "error" not in qroute and qroute["local"] > 0, qroute
+        return _ids(reply.choices[0].logprobs.tokens)
+    tokens: list[str] = []
+    for chunk in client.completions.create(**kwargs, stream=True, extra_body=_extra(kv)):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.tokens
+    return _ids(tokens)
+
+
+def _chat(client, question: str, *, stream: bool) -> list[int]:
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS,
+                  temperature=0.0, logprobs=True)  # fmt: skip
+    if not stream:
+        reply = client.chat.completions.create(**kwargs, extra_body=_extra())
+        return _ids([c.token for c in reply.choices[0].logprobs.content])
+    tokens: list[str] = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True, extra_body=_extra()):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += [c.token for c in chunk.choices[0].logprobs.content or []]
+    return _ids(tokens)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_fp32_model, sample_corpus):
+    token_ids, directory = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=INSTANCES,
+                                              blocks_per_chunk=BLOCKS_PER_CHUNK)  # fmt: skip
+    return token_ids.tolist(), directory
+
+
+@pytest.fixture(scope="module")
+def reference(vllm, state_dir, tiny_fp32_model, corpus):
+    """Greedy tokens of one stock instance: with the corpus in front of each question, and without it."""
+    from openai import OpenAI
+
+    corpus_ids, _ = corpus
+    state = start_cluster(ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=None, num_instances=1, base_port=8600))
+    try:
+        client = OpenAI(base_url=state.instances[0].url, api_key="test")
+        prompts = [question_ids(tiny_fp32_model, q) for q in QUESTIONS]
+        with_corpus = [_completion(client, corpus_ids + p, stream=False, kv=None) for p in prompts]
+        without = _completion(client, prompts[0], stream=False, kv=None)
+    finally:
+        stop_cluster(state)
+    return prompts, with_corpus, without
+
+
+@pytest.fixture(scope="module")
+def cluster(vllm, state_dir, tiny_fp32_model, sample_corpus, reference):
+    state = start_cluster(ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=3,
+                                      blocks_per_chunk=BLOCKS_PER_CHUNK, base_port=8610))  # fmt: skip
+    try:
+        yield state
+    finally:
+        stop_cluster(state)
+
+
+def test_many_questions_at_once_through_every_endpoint_equal_the_reference(cluster, reference, corpus):
+    from openai import OpenAI
+
+    prompts, want, without = reference
+    _, directory = corpus
+    assert all(directory.chunks_of(i) for i in INSTANCES)  # every instance owns part of the corpus
+    clients = {info.instance_id: OpenAI(base_url=info.url, api_key="test") for info in cluster.instances}
+    jobs = {}
+    for q, (question, prompt) in enumerate(zip(QUESTIONS, prompts, strict=True)):
+        client = clients[INSTANCES[q % len(INSTANCES)]]
+        jobs[(q, "completion")] = (_completion, client, prompt, {"stream": False})
+        jobs[(q, "completion stream")] = (_completion, client, prompt, {"stream": True})
+        jobs[(q, "chat")] = (_chat, client, question, {"stream": False})
+        jobs[(q, "chat stream")] = (_chat, client, question, {"stream": True})
+    jobs[(0, "no corpus")] = (_completion, clients["i1"], prompts[0], {"stream": False, "kv": NO_CORPUS})
+    with ThreadPoolExecutor(len(jobs)) as pool:  # all in flight at once: 17 requests over 3 instances
+        futures = {key: pool.submit(fn, client, arg, **kw) for key, (fn, client, arg, kw) in jobs.items()}
+        got = {key: future.result() for key, future in futures.items()}
+    for (q, kind), tokens in got.items():
+        expected = without if kind == "no corpus" else want[q]
+        assert tokens == expected, (q, kind, tokens, expected)
+    assert without != want[0]  # the corpus changes the answer: the comparison can tell
+
+
+def test_a_prefill_that_is_not_stored_is_an_error(cluster, tiny_fp32_model, sample_corpus):
+    """A directory that disagrees with the instances' (other chunk size): the instances refuse its chunks with
+    HTTP 200 and an error in the reply; the launcher must raise, naming the chunk."""
+    token_ids, wrong = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=INSTANCES,
+                                          blocks_per_chunk=BLOCKS_PER_CHUNK + 1)  # fmt: skip
+    with pytest.raises(QRouteError, match="prefill of chunk 0 .* was not stored"):
+        prefill_corpus_http(cluster, token_ids.tolist(), wrong, log=lambda *_: None)
