@@ -20,6 +20,7 @@ from qroute.core.costmodel import FabricProfile, load_fabric
 from qroute.core.geometry import MODELS_DIR, geometry_from_config
 from qroute.ops.calibrate import full_sweep, quick_sweep
 from qroute.ops.cli import main
+from qroute.reference.tinymodel import build_tiny_model
 
 TINY = geometry_from_config(
     {"model_type": "deepseek_v3", "num_hidden_layers": 2, "num_attention_heads": 4, "kv_lora_rank": 512,
@@ -27,6 +28,13 @@ TINY = geometry_from_config(
     cache_dtype="float32", dtype="float32",
 )  # fmt: skip
 V32 = geometry_from_config(MODELS_DIR / "deepseek-v3.2.json")
+
+# The held-out bound of the end-to-end calibration. Measured here: 2-5 % median error on a quiet machine, 20-30 %
+# with other jobs on both cores. It stays stable under load because every point is a median over repetitions taken
+# in a fresh random order each round (a slow spell spreads over all points rather than biasing one), and the
+# headline is the median over points. 45 % is above the loaded figures yet below what a profile 2x too slow (100 %)
+# or 2.5x too fast (60 %) gives, checked below on the same measurements.
+HELD_OUT_BOUND_PCT = 45.0
 
 # Every coefficient non-zero and distinct, so a fit that confused two of them would show.
 KNOWN = FabricProfile(
@@ -119,10 +127,29 @@ def test_calibrate_quick_end_to_end(transport, tmp_path, capsys):
     if transport == "nixl":
         assert report["raw_probe_us"] > 0 and profile.probe_us <= report["raw_probe_us"] * 1.001  # 4 digits kept
     for op in ("route", "fetch"):
-        assert report[op]["points"] > 0 and report[op]["median_abs_error_pct"] >= 0
-    assert report["median_abs_error_pct"] >= 0
+        assert report[op]["points"] > 0
     held = report["points"]["held_out"]
     assert {p["op"] for p in held} == {"route", "fetch", "compute", "merge"}
     assert all(p["measured_us"] > 0 and p["predicted_us"] > 0 for p in held)
     fit_shapes = {(p["op"], p["batch"], p["tokens"], p["desc_tokens"]) for p in report["points"]["fit"]}
     assert not fit_shapes & {(p["op"], p["batch"], p["tokens"], p["desc_tokens"]) for p in held}
+    # The fit predicts the held-out *measured* sweep within HELD_OUT_BOUND_PCT, and the same measurements refute
+    # a wrong profile: the bound can fail (see HELD_OUT_BOUND_PCT for why it is stable on a loaded machine).
+    assert report["median_abs_error_pct"] <= HELD_OUT_BOUND_PCT, report["median_abs_error_pct"]
+    samples = [Sample(p["op"], p["batch"], p["heads"], p["tokens"], p["measured_us"], desc_tokens=p["desc_tokens"])
+               for p in held]  # fmt: skip
+    geometry = geometry_from_config(build_tiny_model(dtype="float32"), cache_dtype="float32", dtype="float32")
+    assert check(profile, geometry, samples).median_abs_error_pct == pytest.approx(report["median_abs_error_pct"],
+                                                                                   rel=1e-3)  # fmt: skip
+    for wrong in (_slower(profile, 2.0), _slower(profile, 0.4), load_fabric("ibgda-cx7")):
+        assert check(wrong, geometry, samples).median_abs_error_pct > HELD_OUT_BOUND_PCT, wrong.name
+
+
+def _slower(profile: FabricProfile, factor: float) -> FabricProfile:
+    """``profile`` with every time ``factor`` times longer (so every prediction is ``factor`` times larger)."""
+    times = ("probe_us", "route_overhead_us", "fetch_probe_us", "gather_us_per_desc", "compute_us_fixed",
+             "compute_ns_per_token", "compute_ns_per_token_head", "merge_us_fixed", "merge_ns_per_head_row")
+    return replace(profile, name=f"{profile.name} x{factor}",
+                   **{f: getattr(profile, f) * factor for f in times},
+                   bandwidth_gbps=profile.bandwidth_gbps / factor,
+                   fetch_bandwidth_gbps=profile.fetch_bandwidth_gbps / factor)  # fmt: skip
