@@ -45,8 +45,12 @@ Q_LORA_RANK = 128
 QK_NOPE_HEAD_DIM = 64
 V_HEAD_DIM = 64
 INTERMEDIATE_SIZE = 512
-MAX_POSITION_EMBEDDINGS = 8192
+# DeepSeek-V3's position range and YaRN scaling (its config.json): long corpora are served at positions the
+# model's own rope covers, and the reference instance for a corpus of tens of thousands of tokens can start.
+MAX_POSITION_EMBEDDINGS = 163840
 ROPE_THETA = 10000.0
+YARN = {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+        "mscale_all_dim": 1.0}
 # Small MoE (moe=True): every layer after the first is MoE.
 NUM_ROUTED_EXPERTS = 4
 NUM_EXPERTS_PER_TOK = 2
@@ -123,8 +127,8 @@ def model_config(
         "hidden_act": "silu",
         "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
         "rope_theta": ROPE_THETA,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "rope_scaling": {"type": "yarn", "rope_type": "yarn", **YARN},
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, **YARN},
         "rope_interleave": True,
         "rms_norm_eps": 1e-6,
         "initializer_range": INIT_STD,

@@ -140,7 +140,9 @@ def test_config(model_dir: Path) -> None:
     assert config["architectures"] == ["DeepseekV3ForCausalLM"]
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (512, 64)
     assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 2
-    assert config["rope_theta"] == 10000.0 and config["rope_scaling"] is None
+    assert config["rope_theta"] == 10000.0 and config["max_position_embeddings"] == 163840  # DeepSeek-V3's range
+    assert config["rope_scaling"]["type"] == "yarn" and config["rope_scaling"]["factor"] == 40.0
+    assert config["rope_parameters"]["rope_type"] == "yarn"
     assert config["tie_word_embeddings"] is False
     assert config["torch_dtype"] == config["dtype"] == "float32"
 
