@@ -34,11 +34,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qroute.core.config import COMPARED_MODES
+
 REPO = Path(__file__).resolve().parent.parent
 VLLM = Path(sys.executable).with_name("vllm")
 SERVED = "tiny"
 QUESTION = "\n# Which function computes the area of a circle, and what does Store.get return?\n"
-MODES = ("route", "fetch", "auto")
+MODES = tuple(str(m) for m in COMPARED_MODES)
 
 
 def sample_corpus(root: Path) -> Path:

@@ -12,8 +12,9 @@ Each operation is timed back to back (alone in a loop: the headline figures), th
 others (one of each per round: each finds the caches as the others left them, as in real use). What a route
 costs on top of the raw round trip is broken down: the requester's encode and decode (timed alone here), the
 owner's handler (``OwnerService.handle``: decode, attention, encode) as the owner process itself timed it
-during the run (``OwnerStats``), and for reference the same handler and ``partial_attention`` alone in a hot
-loop here; the remainder is the transport's own work (copies into and out of the slots, WRITEs, polling).
+during the run (its ``qroute.metrics.OWNER`` timings), and for reference the same handler and
+``partial_attention`` alone in a hot loop here; the remainder is the transport's own work (copies into and out
+of the slots, WRITEs, polling).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class OwnerProcess:
     process: subprocess.Popen
 
     def stop(self) -> dict | None:
-        """Terminate the owner; returns its final stats line (``OwnerStats.summary``) when it printed one."""
+        """Terminate the owner; returns its final metrics line (``MetricsSnapshot.as_dict``) when it printed one."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
