@@ -14,7 +14,7 @@ The weight names are written here rather than taken from a ``transformers`` mode
 one tensor per expert (``experts.N.gate_proj.weight``).
 
 With ``out_dir=None`` the model is cached under ``$QROUTE_CACHE`` (default ``~/.cache/qroute``)
-as ``models/tiny-<hash>``, hashed over every argument and ``BUILDER_VERSION``; a directory counts
+as ``models/tiny-<hash>``, hashed over its config, every argument and ``BUILDER_VERSION``; a directory counts
 as complete only once ``COMPLETE_MARKER`` exists, and it is built in a temporary sibling and renamed.
 """
 
@@ -48,6 +48,7 @@ INTERMEDIATE_SIZE = 512
 # DeepSeek-V3's position range and YaRN scaling (its config.json): long corpora are served at positions the
 # model's own rope covers, and the reference instance for a corpus of tens of thousands of tokens can start.
 MAX_POSITION_EMBEDDINGS = 163840
+PLAIN_MAX_POSITION_EMBEDDINGS = 8192  # with yarn=False
 ROPE_THETA = 10000.0
 YARN = {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
         "mscale_all_dim": 1.0}
@@ -92,9 +93,10 @@ def _check_args(
 
 
 def model_config(
-    *, dtype: str, num_layers: int, hidden_size: int, num_heads: int, moe: bool, vocab_size: int
+    *, dtype: str, num_layers: int, hidden_size: int, num_heads: int, moe: bool, vocab_size: int, yarn: bool = True
 ) -> dict[str, Any]:
-    """The ``config.json`` contents, with the keys both transformers 4.x and 5.x and vLLM read."""
+    """The ``config.json`` contents, with the keys both transformers 4.x and 5.x and vLLM read. ``yarn=False``:
+    plain RoPE over 8,192 positions (the layout vLLM's CPU rotary kernel mis-ropes; ``qroute.plugin.rope_fix``)."""
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -125,10 +127,11 @@ def model_config(
         "routed_scaling_factor": 1.0,
         "num_nextn_predict_layers": 0,
         "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS if yarn else PLAIN_MAX_POSITION_EMBEDDINGS,
         "rope_theta": ROPE_THETA,
-        "rope_scaling": {"type": "yarn", "rope_type": "yarn", **YARN},
-        "rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, **YARN},
+        "rope_scaling": {"type": "yarn", "rope_type": "yarn", **YARN} if yarn else None,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, **YARN} if yarn else
+                           {"rope_type": "default", "rope_theta": ROPE_THETA},
         "rope_interleave": True,
         "rms_norm_eps": 1e-6,
         "initializer_range": INIT_STD,
@@ -218,9 +221,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("QROUTE_CACHE") or Path.home() / ".cache" / "qroute")
 
 
-def model_hash(**kwargs: Any) -> str:
-    """A short content hash over the builder arguments and ``BUILDER_VERSION``."""
-    payload = json.dumps({"builder_version": BUILDER_VERSION, **kwargs}, sort_keys=True)
+def model_hash(config: dict[str, Any], **kwargs: Any) -> str:
+    """A short content hash over the model's ``config.json`` contents, the builder arguments and ``BUILDER_VERSION``
+    (the config is hashed itself, so that a change to it can never reuse a stale cached build)."""
+    payload = json.dumps({"builder_version": BUILDER_VERSION, "config": config, **kwargs}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -235,6 +239,7 @@ def build_tiny_model(
     seed: int = 0,
     vocab_size: int = 4096,
     logit_scale: float = 20.0,
+    yarn: bool = True,
 ) -> Path:
     """Write a tiny DeepSeek-V3 model and return its directory.
 
@@ -243,15 +248,15 @@ def build_tiny_model(
     Raises ``ConfigError`` for an invalid argument.
     """
     _check_args(dtype, num_layers, hidden_size, num_heads, moe, seed, vocab_size, logit_scale)
-    config = model_config(
-        dtype=dtype, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, moe=moe, vocab_size=vocab_size
-    )
+    config = model_config(dtype=dtype, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, moe=moe,
+                          vocab_size=vocab_size, yarn=yarn)  # fmt: skip
     if out_dir is not None:
         out_dir = Path(out_dir)
         _write_model(out_dir, config, seed, logit_scale)
         return out_dir
 
     digest = model_hash(
+        config,
         dtype=dtype,
         num_layers=num_layers,
         hidden_size=hidden_size,
