@@ -48,6 +48,20 @@ SAMPLE_FILES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread in every test module, whatever an earlier module set (see the note at the top)."""
+    try:
+        import torch
+    except ImportError:  # the torch-free core tests
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from qroute.reference.tinymodel import build_tiny_model

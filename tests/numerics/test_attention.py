@@ -17,15 +17,6 @@ ROPE = 64
 SCALE = 192**-0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two cores shared with other jobs: torch's spinning intra-op threads then cost up to 100x.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True, params=["fused", "op-by-op"])
 def kernel_path(request, monkeypatch):
     """Every test runs on both CPU paths: PyTorch's fused attention kernel and the op-by-op one (used for

@@ -18,15 +18,6 @@ NUM_TOKENS = 40
 PREFIX = 24  # the "corpus": owners hold its latent rows at global positions 0..PREFIX-1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two cores shared with other jobs: torch's spinning intra-op threads then cost up to 100x.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _variant_dir(path):
     """A DeepSeek-V3 variant build_tiny_model does not make: q_proj (no q LoRA), YaRN with a cos/sin
     factor != 1, NeoX rope layout, grouped MoE routing with a nonzero correction bias, small latent."""
