@@ -35,6 +35,7 @@ class RequestStep:
     ``first_pos - 1``), None on its first step or when failures are not reported (``kv_load_failure_policy``
     "recompute"). ``failed``: the request's corpus attention already failed; the worker only reports
     ``computed_block`` as a load error, which makes vLLM finish the request with FINISHED_ERROR.
+    ``owner_modes``: (owner, mode) pairs deciding that owner's blocks instead of ``mode``.
     """
 
     req_id: str
@@ -46,6 +47,7 @@ class RequestStep:
     store_chunk: int | None = None
     computed_block: int | None = None
     failed: bool = False
+    owner_modes: tuple[tuple[str, str], ...] = ()  # the request's per-owner overrides of ``mode``
 
 
 @dataclass

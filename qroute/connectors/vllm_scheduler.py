@@ -54,6 +54,7 @@ class RequestState:
     corpus: str | None  # None: no corpus attention
     mode: str
     prefill_chunk: int | None = None
+    owner_modes: tuple[tuple[str, str], ...] = ()
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # what request_finished returns under "qroute"
 
@@ -97,13 +98,15 @@ class QRouteSchedulerSide:
         state = RequestState(corpus=d.name, mode=self.config.mode)
         try:
             params = parse_request_params(raw, default_corpus=d.name, default_mode=self.config.mode,
-                                          known_corpora=(d.name,))  # fmt: skip
+                                          known_corpora=(d.name,), known_instances=d.instances)  # fmt: skip
         except ConfigError as exc:
             if isinstance(raw, dict):  # report what the request asked for
                 state.corpus, state.mode = raw.get("corpus", d.name), raw.get("mode") or self.config.mode
             return self._refuse(state, str(exc))
-        state.corpus, state.mode = params.corpus, params.mode
+        state.corpus, state.mode, state.owner_modes = params.corpus, params.mode, params.owner_modes
         state.summary = {"corpus": state.corpus, "mode": state.mode, **dict.fromkeys(COUNTERS, 0)}
+        if state.owner_modes:
+            state.summary["owner_modes"] = dict(state.owner_modes)
         if state.corpus is None or params.prefill_chunk is None:
             return state
         state.prefill_chunk = params.prefill_chunk
@@ -171,7 +174,7 @@ class QRouteSchedulerSide:
             start = d.chunks[state.prefill_chunk].start
             visible, shift, store = start, start, state.prefill_chunk
         meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, visible, shift, num_computed, store,
-                                          computed_block=block)  # fmt: skip
+                                          computed_block=block, owner_modes=state.owner_modes)  # fmt: skip
 
     def update_connector_output(self, worker_meta: object) -> None:
         if not isinstance(worker_meta, QRouteWorkerMeta):

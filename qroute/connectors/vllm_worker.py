@@ -158,7 +158,8 @@ class QRouteWorkerSide:
         if step.visible_tokens > 0:
             before = None if step.visible_tokens >= d.num_tokens else step.visible_tokens
             try:
-                run.plan = self.router.plan(stop - start, before_token=before, mode=step.mode)
+                run.plan = self.router.plan(stop - start, before_token=before, mode=step.mode,
+                                            owner_modes=dict(step.owner_modes))  # fmt: skip
             except QRouteError as exc:  # e.g. mode 'local' with remote blocks
                 self._fail(run, str(exc))
                 return run

@@ -213,13 +213,16 @@ class RequestParams:
     corpus: str | None
     mode: str
     prefill_chunk: int | None = None
+    owner_modes: tuple[tuple[str, str], ...] = ()  # (owner instance, mode) pairs that override ``mode``
 
 
 def parse_request_params(params: object, *, default_corpus: str | None, default_mode: str,
-                         known_corpora: Collection[str] | None) -> RequestParams:
+                         known_corpora: Collection[str] | None,
+                         known_instances: Collection[str] | None = None) -> RequestParams:
     """Validate a request's ``kv_transfer_params.qroute`` (keys missing: the defaults); raises ``ConfigError``
-    naming the field. ``known_corpora`` None accepts any corpus name. ``"corpus": null`` opts out of corpus
-    attention."""
+    naming the field. ``known_corpora`` / ``known_instances`` None accept any corpus name / owner id.
+    ``"corpus": null`` opts out of corpus attention. ``"owner_modes": {"i2": "fetch"}`` decides the blocks an owner
+    holds (its replicas' too) by that mode instead of ``mode``: auto, route or fetch."""
     if not isinstance(params, Mapping):
         raise ConfigError(f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
     corpus = params.get("corpus", default_corpus)
@@ -233,7 +236,24 @@ def parse_request_params(params: object, *, default_corpus: str | None, default_
     chunk = params.get("prefill_chunk")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
         raise ConfigError(f"kv_transfer_params.qroute.prefill_chunk must be an int >= 0, got {chunk!r}")
-    return RequestParams(corpus, str(mode), chunk)
+    return RequestParams(corpus, str(mode), chunk, _owner_modes(params.get("owner_modes"), known_instances))
+
+
+OWNER_MODES = (Mode.AUTO, Mode.ROUTE, Mode.FETCH)  # 'local' is not a choice for blocks another instance owns
+
+
+def _owner_modes(raw: object, known_instances: Collection[str] | None) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    where = "kv_transfer_params.qroute.owner_modes"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be an object of owner instance id -> mode, got {type(raw).__name__}")
+    for owner, mode in raw.items():
+        if known_instances is not None and owner not in known_instances:
+            raise ConfigError(f"{where}: {owner!r} is not an instance of this cluster ({sorted(known_instances)})")
+        if mode not in OWNER_MODES:
+            raise ConfigError(f"{where}[{owner!r}] = {mode!r} is not one of {', '.join(OWNER_MODES)}")
+    return tuple(sorted((str(owner), str(mode)) for owner, mode in raw.items()))
 
 
 def corpus_names_from_argv(argv: Sequence[str]) -> set[str] | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,9 +162,12 @@ class Router:
         block_ids: Sequence[int] | None = None,
         before_token: int | None = None,
         mode: str | None = None,
+        owner_modes: Mapping[str, str] | None = None,
     ) -> StepPlan:
         """Group the selected blocks (default: every block, i.e. dense; ``before_token`` keeps only
-        blocks that end at or before that corpus position) by owner and decide each group."""
+        blocks that end at or before that corpus position) by owner and decide each group: by ``mode``, or by
+        ``owner_modes[owner]`` for a group one of whose owners it names (one plan may so route to some owners and
+        fetch from others)."""
         mode = mode or self.config.mode
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not one of {MODES}")
@@ -181,8 +184,10 @@ class Router:
             else:
                 groups.setdefault(owners, []).append(block_id)
         parts = [OwnerPart(tuple(local), Decision.LOCAL, ())] if local else []
+        owner_modes = owner_modes or {}
         for owners, blocks in groups.items():
-            parts.append(OwnerPart(tuple(blocks), self._decide(mode, num_rows, owners, blocks), owners))
+            group_mode = next((owner_modes[o] for o in owners if o in owner_modes), mode)
+            parts.append(OwnerPart(tuple(blocks), self._decide(group_mode, num_rows, owners, blocks), owners))
         return StepPlan(corpus=d.name, num_rows=num_rows, parts=tuple(parts))
 
     def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: list[int]) -> Decision:

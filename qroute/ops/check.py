@@ -4,8 +4,9 @@ Reference: one stock instance (qroute installed, so the same CPU RoPE fix, but n
 prompt = corpus tokens + question tokens, float32, greedy. Then the corpus sharded over N qroute
 instances in small chunks (``--blocks-per-chunk``), so that every instance owns several and every run
 merges a local part with routed or fetched parts from each other instance; the question (its prompt holding
-only the question) is asked on **every** instance in modes route, fetch and auto, all at once (so several
-requests share each engine step). Reported per instance and mode: whether the generated tokens are
+only the question) is asked on **every** instance in modes route, fetch and auto, and (3 instances or more)
+``mixed``: routed to one peer and fetched from the others in the same steps (``owner_modes``), all at once (so
+several requests share each engine step). Reported per instance and mode: whether the generated tokens are
 identical, the largest |delta logprob| of the generated and of the question's prompt tokens, and the
 owner-layer operations by kind against the exact expected numbers (layers x steps x owner groups). A
 negative control asks the same question without the corpus, which must fail the comparison.
@@ -27,9 +28,11 @@ from qroute.ops.cluster import ClusterSpec, completion, http_json, start_cluster
 QUESTION = "Which function computes the area of a circle, and what does it return?"
 TOLERANCE = 1e-4
 BLOCKS_PER_CHUNK = 2  # 32-token chunks: a corpus of a few hundred tokens spreads over every instance
+MIXED = "mixed"  # the run with owner_modes: one peer routed, the others fetched
 
 
-def _greedy(url: str, prompt: list[int], max_tokens: int, params: dict | None = None) -> dict[str, Any]:
+def greedy_completion(url: str, prompt: list[int], max_tokens: int, params: dict | None = None) -> dict[str, Any]:
+    """A greedy completion of token ids with the logprobs of its generated and prompt tokens and qroute's counts."""
     reply = completion(url, prompt, max_tokens=max_tokens, kv_transfer_params=params, logprobs=True,
                        extra={"return_tokens_as_token_ids": True, "prompt_logprobs": 1})  # fmt: skip
     choice = reply["choices"][0]
@@ -52,20 +55,50 @@ def _compare(reference: dict[str, Any], got: dict[str, Any], num_question: int) 
             "max_abs_dlogprob": max(generated), "max_abs_dlogprob_prompt": max(prompt)}  # fmt: skip
 
 
-def expected_operations(directory, instance: str, num_layers: int, steps: int) -> dict[str, int]:
+def reference_answers(
+    model_dir: Path, corpus_ids: list[int], prompts: list[list[int]], max_tokens: int, *, base_port: int, log=print
+) -> list[dict[str, Any]]:
+    """Greedy answers of one stock instance (qroute not configured) to ``corpus_ids + prompt``, all at once."""
+    longest = len(corpus_ids) + max(map(len, prompts)) + max_tokens + 1
+    spec = ClusterSpec(model_dir=model_dir, corpus_dir=None, num_instances=1, base_port=base_port,
+                       max_model_len=max(1 << math.ceil(math.log2(longest)), 2048))  # fmt: skip
+    state = start_cluster(spec, log=log)
+    try:
+        url = state.instances[0].url
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(lambda prompt: greedy_completion(url, corpus_ids + prompt, max_tokens), prompts))
+    finally:
+        stop_cluster(state)
+
+
+def expected_operations(directory, instance: str, num_layers: int, steps: int,
+                        owner_modes: dict[str, str] | None = None) -> dict[str, int]:
     """Owner-layer operations of one dense request on ``instance`` over ``steps`` engine steps: one local
-    operation per layer and step if it holds part of the corpus, one remote one per other owner group."""
+    operation per layer and step if it holds part of the corpus, one remote one per other owner group; with
+    ``owner_modes`` (which must name an owner of every group), how many of those are routed and fetched."""
     held = any(instance in chunk.owners for chunk in directory.chunks)
     remote = {chunk.owners for chunk in directory.chunks if instance not in chunk.owners}
     per_step = num_layers * steps
-    return {"local": per_step * int(held), "remote": per_step * len(remote)}
+    expected = {"local": per_step * int(held), "remote": per_step * len(remote)}
+    if owner_modes:
+        modes = [next(owner_modes[o] for o in owners if o in owner_modes) for owners in remote]
+        expected.update(route=per_step * modes.count(Mode.ROUTE), fetch=per_step * modes.count(Mode.FETCH))
+    return expected
 
 
 def _counts_ok(mode: str, counts: dict[str, int], expected: dict[str, int]) -> bool:
     remote = {Mode.ROUTE: (expected["remote"], 0), Mode.FETCH: (0, expected["remote"])}.get(mode)
+    if mode == MIXED:
+        remote = (expected["route"], expected["fetch"])
     got_remote = (counts["route"], counts["fetch"])
     remote_ok = got_remote == remote if remote is not None else sum(got_remote) == expected["remote"]
     return remote_ok and counts["local"] == expected["local"] and "error" not in counts
+
+
+def mixed_owner_modes(directory, instance: str) -> dict[str, str]:
+    """Owner modes under which ``instance`` routes to one peer and fetches from the others (``owner_modes``)."""
+    peers = sorted(set(directory.instances) - {instance})
+    return {peer: str(Mode.ROUTE if k == 0 else Mode.FETCH) for k, peer in enumerate(peers)}
 
 
 def run_check(
@@ -89,17 +122,10 @@ def run_check(
                                               blocks_per_chunk=blocks_per_chunk)  # fmt: skip
     corpus_ids = token_ids.tolist()
     prompt = question_ids(model_dir, question)
-    max_model_len = 1 << math.ceil(math.log2(len(corpus_ids) + len(prompt) + max_tokens + 1))
     num_layers = int(load_config(model_dir)["num_hidden_layers"])
 
     log(f"qroute check: corpus {len(corpus_ids)} tokens, question {len(prompt)} tokens; reference instance")
-    reference_spec = ClusterSpec(model_dir=model_dir, corpus_dir=None, num_instances=1, base_port=base_port,
-                                 max_model_len=max(max_model_len, 2048))  # fmt: skip
-    state = start_cluster(reference_spec, log=log)
-    try:
-        reference = _greedy(state.instances[0].url, corpus_ids + prompt, max_tokens)
-    finally:
-        stop_cluster(state)
+    [reference] = reference_answers(model_dir, corpus_ids, [prompt], max_tokens, base_port=base_port, log=log)
 
     log(f"qroute check: {num_instances} qroute instances, {len(directory.chunks)} chunks of "
         f"{directory.chunk_tokens} tokens")  # fmt: skip
@@ -116,9 +142,13 @@ def run_check(
         urls = {info.instance_id: info.url for info in state.instances}
         jobs = {(i, str(mode)): (urls[i], {"qroute": {"corpus": "corpus", "mode": str(mode)}})
                 for i in ids for mode in COMPARED_MODES}  # fmt: skip
+        if num_instances >= 3:  # routed to one peer and fetched from another in the same steps
+            for i in ids:
+                jobs[(i, MIXED)] = (urls[i], {"qroute": {"corpus": "corpus", "mode": str(Mode.AUTO),
+                                                         "owner_modes": mixed_owner_modes(directory, i)}})
         jobs[(ids[0], "no corpus")] = (urls[ids[0]], {"qroute": {"corpus": None}})
         with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: several requests in each engine step
-            futures = {key: pool.submit(_greedy, url, prompt, max_tokens, params)
+            futures = {key: pool.submit(greedy_completion, url, prompt, max_tokens, params)
                        for key, (url, params) in jobs.items()}  # fmt: skip
             results = {key: future.result() for key, future in futures.items()}
         for (instance, mode), got in results.items():
@@ -126,7 +156,8 @@ def run_check(
             if mode == "no corpus":
                 report["negative_control"] = run
                 continue
-            expected = expected_operations(directory, instance, num_layers, max_tokens)
+            owner_modes = mixed_owner_modes(directory, instance) if mode == MIXED else None
+            expected = expected_operations(directory, instance, num_layers, max_tokens, owner_modes)
             counts = got["qroute"] or {}
             run.update(qroute=counts, expected_operations=expected, counts_ok=_counts_ok(mode, counts, expected))
             report["runs"][f"{instance}/{mode}"] = run

@@ -25,6 +25,7 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
         num_heads=args.heads,
         moe=args.moe,
         seed=args.seed,
+        skill=args.skill,
     )
     print(path)
     return 0
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--heads", type=int, default=4)
     build.add_argument("--moe", action="store_true", help="MoE layers after the first")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--skill", choices=["random", "copy"], default="random",
+                       help="copy: the demo's copying model (needs --hidden >= 385, e.g. 512)")
     build.set_defaults(handler=_cmd_model_build)
 
     plan = sub.add_parser("plan", help="route / fetch / local decision with every cost term")

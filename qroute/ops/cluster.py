@@ -223,6 +223,7 @@ class ClusterSpec:
     base_port: int = 8100
     max_model_len: int = 2048
     kv_blocks: int | None = None  # paged KV budget per instance in 16-token blocks (default: vLLM's choice)
+    max_num_batched_tokens: int | None = None  # tokens per engine step (default: vLLM's choice)
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -283,6 +284,8 @@ def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
             log_path = state_dir() / "logs" / f"{name}.log"
             if spec.kv_blocks:
                 extra += ["--num-gpu-blocks-override", str(spec.kv_blocks)]
+            if spec.max_num_batched_tokens:
+                extra += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
             cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra)
             process = spawn(cmd, env, log_path)
             processes.append(process)

@@ -1,10 +1,11 @@
 """The engine-free demo: two instances share a corpus through the real data plane.
 
-Instance ``a`` (this process) holds its share of the corpus and asks questions; instance ``b`` is a
-separate owner process holding the rest. Each question is answered greedily by the reference model
-three times, with the corpus attended by route, fetch and auto (the cost model's choice), and once
-by a single instance holding the whole corpus as a cached prompt prefix (its exact prefill, with the
-question at global positions after it). The tokens must be identical.
+Instance ``a`` (this process) holds its share of the corpus and asks; instance ``b`` is a separate owner
+process holding the rest. The model is the copying model and each prompt the start of a line only ``b`` holds
+(``demo_lines``). Each prompt is answered greedily by the reference model three times, with the corpus attended
+by route, fetch and auto (the cost model's choice), and once by a single instance holding the whole corpus as a
+cached prompt prefix (its exact prefill, with the prompt at global positions after it). The tokens must be
+identical.
 """
 
 from __future__ import annotations
@@ -20,11 +21,7 @@ import torch
 from qroute.core.config import COMPARED_MODES
 from qroute.numerics.rope import PositionShift
 
-QUESTIONS = [
-    "Where does the module define the connect function?",
-    "Which file implements the dump of a database?",
-    "What does the adapter for dates return?",
-]
+NUM_PROMPTS = 3
 
 
 def default_corpus() -> Path:
@@ -86,13 +83,14 @@ def run_core_demo(
     from qroute.core.costmodel import load_fabric
     from qroute.dataplane.peering import connect_owners
     from qroute.dataplane.router import Router, RouterConfig
+    from qroute.ops.demo_lines import WordBoundaries, pick_line_prompts
     from qroute.ops.owner_process import start_owner
     from qroute.reference.prepared import prefix_attend, prepare_corpus
-    from qroute.reference.tinymodel import build_tiny_model
+    from qroute.reference.tinymodel import copy_model_dir
     from qroute.transport import get_transport
 
     torch.set_num_threads(1)  # the owner process needs the other core
-    model_dir = build_tiny_model(dtype="float32")
+    model_dir = copy_model_dir()
     corpus = corpus or default_corpus()
     instances = ["a", "b"]
     print(f"model: {model_dir}\ncorpus: {corpus}", file=out)
@@ -104,6 +102,8 @@ def run_core_demo(
     owner = start_owner(instance="b", transport=transport, model_dir=model_dir, corpus=corpus, instances=instances,
                         secret=secret, max_tokens=max_corpus_tokens)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    lines = pick_line_prompts(prepared.token_ids.tolist(), d, asker="a", boundaries=WordBoundaries.of(tokenizer),
+                              count=NUM_PROMPTS, continuation_tokens=max_new)  # fmt: skip
     results: dict[str, ModeResult] = {}
     try:
         kind = get_transport(transport)
@@ -117,7 +117,7 @@ def run_core_demo(
             secret=secret,
         )
         model, n = prepared.model, d.num_tokens
-        prompts = [question_ids(model_dir, q) for q in QUESTIONS]
+        prompts = [line.prompt for line in lines]
         reference = ModeResult()
         whole = prefix_attend(model, prepared.all_rows)  # one instance holding the corpus as a cached prefix
         for prompt in prompts:
@@ -141,15 +141,15 @@ def run_core_demo(
             connection.close()
     finally:
         owner.stop()
-    return _report(results, tokenizer, out)
+    return _report(results, lines, tokenizer, out)
 
 
-def _report(results: dict[str, ModeResult], tokenizer, out) -> int:
+def _report(results: dict[str, ModeResult], lines, tokenizer, out) -> int:
     reference = results["single instance"]
-    for i, question in enumerate(QUESTIONS):
-        print(
-            f"\nQ: {question}\nA: {tokenizer.decode(reference.tokens[i])!r} (token ids {reference.tokens[i]})", file=out
-        )
+    for i, line in enumerate(lines):
+        print(f"\nprompt: {tokenizer.decode(line.prompt)!r} (a line only {line.owner} holds)\n"
+              f"the corpus goes on: {tokenizer.decode(line.continuation)!r}\n"
+              f"single instance:    {tokenizer.decode(reference.tokens[i])!r}", file=out)  # fmt: skip
     print(f"\n{'mode':16s} {'identical':>9s} {'route':>6s} {'fetch':>6s} {'local':>6s} {'bytes moved':>12s} "
           f"{'s/token':>8s}", file=out)  # fmt: skip
     all_identical = True

@@ -36,7 +36,9 @@ from qroute.reference.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, build_tok
 BUILDER_VERSION = 1
 COMPLETE_MARKER = ".qroute-complete"
 DTYPES = ("float32", "bfloat16")
+SKILLS = ("random", "copy")
 INIT_STD = 0.02
+COPY_HIDDEN_SIZE = 512  # the copying model's residual parts take 385 dims
 
 # Fixed MLA geometry: the vLLM CPU MLA kernel supports only a 512 + 64 = 576-wide latent cache.
 KV_LORA_RANK = 512
@@ -184,11 +186,15 @@ def weight_specs(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str
     return specs
 
 
-def _make_weights(config: dict[str, Any], seed: int, logit_scale: float) -> dict[str, Any]:
+def _make_weights(config: dict[str, Any], seed: int, logit_scale: float, skill: str) -> dict[str, Any]:
     import torch
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     dtype = getattr(torch, config["dtype"])
+    if skill == "copy":
+        from qroute.reference.copymodel import copy_weights
+
+        return {name: t.to(dtype).contiguous() for name, t in copy_weights(config, seed).items()}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     tensors = {}
     for name, shape, init in weight_specs(config):
         if init == "normal":
@@ -204,7 +210,7 @@ def _make_weights(config: dict[str, Any], seed: int, logit_scale: float) -> dict
     return tensors
 
 
-def _write_model(out_dir: Path, config: dict[str, Any], seed: int, logit_scale: float) -> None:
+def _write_model(out_dir: Path, config: dict[str, Any], seed: int, logit_scale: float, skill: str) -> None:
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +218,8 @@ def _write_model(out_dir: Path, config: dict[str, Any], seed: int, logit_scale: 
     generation = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     # Fixed metadata (no timestamps) keeps the file byte-identical across builds.
-    save_file(_make_weights(config, seed, logit_scale), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    weights = _make_weights(config, seed, logit_scale, skill)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     build_tokenizer(out_dir, vocab_size=config["vocab_size"])
 
 
@@ -240,19 +247,26 @@ def build_tiny_model(
     vocab_size: int = 4096,
     logit_scale: float = 20.0,
     yarn: bool = True,
+    skill: str = "random",
 ) -> Path:
     """Write a tiny DeepSeek-V3 model and return its directory.
+
+    ``skill="random"``: random weights (module docstring). ``skill="copy"``: the constructed induction circuit of
+    ``qroute.reference.copymodel`` (2 layers, 4 heads, ``hidden_size`` >= 385; ``logit_scale`` unused), a model
+    that continues a line by copying it from its context.
 
     ``out_dir`` given: build there, overwriting the model files. ``out_dir=None``: return the cached
     build under ``cache_root()/models/tiny-<hash>``, building it first when missing or incomplete.
     Raises ``ConfigError`` for an invalid argument.
     """
     _check_args(dtype, num_layers, hidden_size, num_heads, moe, seed, vocab_size, logit_scale)
+    if skill not in SKILLS:
+        raise ConfigError(f"skill={skill!r} is not supported; use one of {SKILLS}")
     config = model_config(dtype=dtype, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, moe=moe,
                           vocab_size=vocab_size, yarn=yarn)  # fmt: skip
     if out_dir is not None:
         out_dir = Path(out_dir)
-        _write_model(out_dir, config, seed, logit_scale)
+        _write_model(out_dir, config, seed, logit_scale, skill)
         return out_dir
 
     digest = model_hash(
@@ -265,6 +279,7 @@ def build_tiny_model(
         seed=seed,
         vocab_size=vocab_size,
         logit_scale=float(logit_scale),
+        skill=skill,
     )
     models_dir = cache_root() / "models"
     final = models_dir / f"tiny-{digest}"
@@ -274,7 +289,7 @@ def build_tiny_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{digest}-", dir=models_dir))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with engine processes
-        _write_model(tmp, config, seed, logit_scale)
+        _write_model(tmp, config, seed, logit_scale, skill)
         (tmp / COMPLETE_MARKER).write_text(digest + "\n")
         if (final / COMPLETE_MARKER).exists():
             return final  # a concurrent builder finished first; its copy is identical
@@ -295,3 +310,8 @@ def build_tiny_model(
 def tiny_model_dir(**kwargs: Any) -> Path:
     """The cached tiny model for ``build_tiny_model`` keyword arguments (built on first use)."""
     return build_tiny_model(None, **kwargs)
+
+
+def copy_model_dir(dtype: str = "float32") -> Path:
+    """The cached copying model (``skill="copy"``) the demo answers with."""
+    return build_tiny_model(None, dtype=dtype, hidden_size=COPY_HIDDEN_SIZE, skill="copy")

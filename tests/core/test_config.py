@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from qroute.core.config import QRouteConfig, corpus_names_from_argv, load_directory
+from qroute.core.config import QRouteConfig, corpus_names_from_argv, load_directory, parse_request_params
 from qroute.errors import ConfigError
 
 
@@ -101,3 +101,19 @@ def test_every_instance_builds_the_same_directory(tiny_model_dir, sample_corpus)
     tokens, dir_b = load_directory(QRouteConfig.from_extra_config({**extra, "instance_id": "b"}), tiny_model_dir)
     assert dir_a == dir_b and dir_a.instances == ("a", "b") and dir_a.block_size == 16
     assert dir_a.num_tokens == len(tokens) and dir_a.chunk_tokens == 32
+
+
+def test_request_params_owner_modes():
+    def parse(raw):
+        return parse_request_params(raw, default_corpus="repo", default_mode="auto", known_corpora=("repo",),
+                                    known_instances=("a", "b", "c"))  # fmt: skip
+
+    params = parse({"mode": "route", "owner_modes": {"c": "fetch", "b": "auto"}})
+    assert (params.mode, params.owner_modes) == ("route", (("b", "auto"), ("c", "fetch")))
+    assert parse({}).owner_modes == ()
+    with pytest.raises(ConfigError, match=r"owner_modes.*'z' is not an instance"):
+        parse({"owner_modes": {"z": "route"}})
+    with pytest.raises(ConfigError, match=r"owner_modes\['b'\] = 'local'"):
+        parse({"owner_modes": {"b": "local"}})
+    with pytest.raises(ConfigError, match="owner_modes must be an object"):
+        parse({"owner_modes": ["b", "route"]})

@@ -211,3 +211,21 @@ def test_handshake_refuses_mismatches(prepared, cluster):
     with pytest.raises(HandshakeMismatch):
         connect_owner(transport, addresses["b"], **{**common, "secret": b"wrong"})
     assert connect_owner(transport, addresses["b"], **common) is not None  # still serving
+
+
+def test_owner_modes_route_to_one_owner_and_fetch_from_another_in_one_plan(prepared, cluster):
+    """A mixed plan (``owner_modes``) merges routed, fetched and local parts exactly."""
+    router = make_router(prepared, cluster[3], mode="auto")
+    q_nope, q_pe = random_queries(prepared)
+    plan = router.plan(q_nope.shape[0], owner_modes={"b": "route", "c": "fetch"})
+    by_owners = {part.owners: part.decision for part in plan.parts}
+    # Replicas 2 over a, b, c: the groups a does not hold are owned by (b, c) or (c, b); the first owner named
+    # in owner_modes decides each, in the group's own owner order.
+    remote = {owners: decision for owners, decision in by_owners.items() if owners}
+    assert remote and all(d is (Decision.ROUTE if o[0] == "b" else Decision.FETCH) for o, d in remote.items())
+    assert {Decision.ROUTE, Decision.FETCH, Decision.LOCAL} == set(by_owners.values())
+    out, lse = router.run(0, q_nope, q_pe, plan)
+    ref_out, ref_lse = dense_reference(prepared, 0, q_nope, q_pe)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    assert router.stats["route"] > 0 and router.stats["fetch"] > 0 and router.stats["local"] > 0

@@ -1,12 +1,13 @@
 """End to end through real ``vllm serve`` instances: the corpus sharded over three qroute instances, every one
-owning chunks, reproduces one stock instance holding corpus + question (DESIGN.md section 5) in every mode, asked
-on every instance at once; exact owner-layer counts by kind; a negative control that must fail; an unknown
-corpus is an HTTP 400. One reference instance, then three qroute instances (about 4 minutes)."""
+owning chunks, reproduces one stock instance holding corpus + question (DESIGN.md section 5) in every mode and in
+a mixed plan (one peer routed, the other fetched), over NIXL, asked on every instance at once; exact owner-layer
+counts by kind; a negative control that must fail; an unknown corpus is an HTTP 400. One reference instance, then
+three qroute instances (about 4 minutes)."""
 
 import pytest
 
 from qroute.core.config import COMPARED_MODES
-from qroute.ops.check import TOLERANCE, run_check
+from qroute.ops.check import MIXED, TOLERANCE, run_check
 
 INSTANCES = ["i0", "i1", "i2"]
 
@@ -14,7 +15,9 @@ INSTANCES = ["i0", "i1", "i2"]
 @pytest.fixture(scope="module")
 def report(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-    return run_check(tiny_fp32_model, sample_corpus, num_instances=len(INSTANCES), max_tokens=8, base_port=8450)
+    # NIXL inside `vllm serve` here; the concurrent-requests test runs the cluster over TCP.
+    return run_check(tiny_fp32_model, sample_corpus, num_instances=len(INSTANCES), max_tokens=8, base_port=8450,
+                     transport="nixl")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def test_every_instance_owns_part_of_the_corpus(report):
 
 
 @pytest.mark.parametrize("instance", INSTANCES)
-@pytest.mark.parametrize("mode", [str(m) for m in COMPARED_MODES])
+@pytest.mark.parametrize("mode", [str(m) for m in COMPARED_MODES] + [MIXED])
 def test_sharded_corpus_reproduces_single_instance(report, instance, mode):
     run = report["runs"][f"{instance}/{mode}"]
     assert run["tokens_identical"], (run["tokens"], report["reference"]["tokens"])
@@ -44,6 +47,8 @@ def test_sharded_corpus_reproduces_single_instance(report, instance, mode):
         assert (counts["route"], counts["fetch"]) == (expected["remote"], 0)
     elif mode == "fetch":
         assert (counts["route"], counts["fetch"]) == (0, expected["remote"])
+    elif mode == MIXED:  # one peer routed, the other fetched, in the same steps
+        assert counts["route"] == counts["fetch"] == expected["remote"] // 2 > 0
     else:
         assert counts["route"] + counts["fetch"] == expected["remote"]
     assert counts["bytes_moved"] > 0

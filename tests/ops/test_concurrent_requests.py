@@ -1,8 +1,10 @@
 """Many agents at once, end to end through the official ``openai`` client: four different questions in flight at
 once over three qroute instances (so several requests share each engine step), through completions and chat,
-streaming and not, each equal to one stock instance holding corpus + question; a ``"corpus": null`` request in the
-same batch equals a plain instance without the corpus. And a corpus prefill that an instance does not store is an
-error of the launcher, never a silently missing chunk. One reference instance, then three qroute instances."""
+streaming and not, and with ``max_tokens=1``, each equal to one stock instance holding corpus + question; a
+``"corpus": null`` request in the same batch equals a plain instance without the corpus. The cluster runs with
+replicas, corpus prefills split over steps and preemptions (see ``REPLICAS``). And a corpus prefill that an
+instance does not store is an error of the launcher, never a silently missing chunk. One reference instance, then
+three qroute instances."""
 
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ QUESTIONS = [
 INSTANCES = ["i0", "i1", "i2"]
 BLOCKS_PER_CHUNK = 2
 MAX_TOKENS = 6
+# The qroute cluster runs tight, so that the paths a roomy test never takes run too: each chunk held by two
+# instances (replicas), a step budget below a corpus chunk (its prefill is split over steps), and a paged cache
+# too small for every request in flight (vLLM preempts requests and recomputes them).
+REPLICAS = 2
+STEP_TOKENS = 24
+MAX_MODEL_LEN = 128
+KV_BLOCKS = 10
 
 
 def _ids(tokens: list[str]) -> list[int]:
@@ -38,8 +47,9 @@ def _extra(kv: dict | None = ON_CORPUS) -> dict:
     return {"return_tokens_as_token_ids": True, **({"kv_transfer_params": kv} if kv is not None else {})}
 
 
-def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON_CORPUS) -> list[int]:
-    kwargs = dict(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1)
+def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON_CORPUS,
+                max_tokens: int = MAX_TOKENS) -> list[int]:
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=1)
     if not stream:
         reply = client.completions.create(**kwargs, extra_body=_extra(kv))
         if kv is ON_CORPUS:  # qroute reports what it did: a local part on every instance, no error
@@ -76,7 +86,7 @@ def state_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(tiny_fp32_model, sample_corpus):
     token_ids, directory = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=INSTANCES,
-                                              blocks_per_chunk=BLOCKS_PER_CHUNK)  # fmt: skip
+                                              blocks_per_chunk=BLOCKS_PER_CHUNK, replicas=REPLICAS)  # fmt: skip
     return token_ids.tolist(), directory
 
 
@@ -100,7 +110,9 @@ def reference(vllm, state_dir, tiny_fp32_model, corpus):
 @pytest.fixture(scope="module")
 def cluster(vllm, state_dir, tiny_fp32_model, sample_corpus, reference):
     state = start_cluster(ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=3,
-                                      blocks_per_chunk=BLOCKS_PER_CHUNK, base_port=8610))  # fmt: skip
+                                      blocks_per_chunk=BLOCKS_PER_CHUNK, base_port=8610, replicas=REPLICAS,
+                                      max_num_batched_tokens=STEP_TOKENS, max_model_len=MAX_MODEL_LEN,
+                                      kv_blocks=KV_BLOCKS))  # fmt: skip
     try:
         yield state
     finally:
@@ -113,6 +125,8 @@ def test_many_questions_at_once_through_every_endpoint_equal_the_reference(clust
     prompts, want, without = reference
     _, directory = corpus
     assert all(directory.chunks_of(i) for i in INSTANCES)  # every instance owns part of the corpus
+    assert all(len(chunk.owners) == REPLICAS for chunk in directory.chunks)
+    assert directory.chunk_tokens > STEP_TOKENS  # every corpus chunk's prefill took two steps
     clients = {info.instance_id: OpenAI(base_url=info.url, api_key="test") for info in cluster.instances}
     jobs = {}
     for q, (question, prompt) in enumerate(zip(QUESTIONS, prompts, strict=True)):
@@ -121,14 +135,26 @@ def test_many_questions_at_once_through_every_endpoint_equal_the_reference(clust
         jobs[(q, "completion stream")] = (_completion, client, prompt, {"stream": True})
         jobs[(q, "chat")] = (_chat, client, question, {"stream": False})
         jobs[(q, "chat stream")] = (_chat, client, question, {"stream": True})
+        jobs[(q, "one token")] = (_completion, client, prompt, {"stream": False, "max_tokens": 1})
     jobs[(0, "no corpus")] = (_completion, clients["i1"], prompts[0], {"stream": False, "kv": NO_CORPUS})
     with ThreadPoolExecutor(len(jobs)) as pool:  # all in flight at once: 17 requests over 3 instances
         futures = {key: pool.submit(fn, client, arg, **kw) for key, (fn, client, arg, kw) in jobs.items()}
         got = {key: future.result() for key, future in futures.items()}
     for (q, kind), tokens in got.items():
-        expected = without if kind == "no corpus" else want[q]
+        expected = without if kind == "no corpus" else want[q][:1] if kind == "one token" else want[q]
         assert tokens == expected, (q, kind, tokens, expected)
     assert without != want[0]  # the corpus changes the answer: the comparison can tell
+    preempted = sum(_metric(info.url, "vllm:num_preemptions_total") for info in cluster.instances)
+    assert preempted > 0, "the paged cache was large enough for every request: no preemption was exercised"
+
+
+def _metric(url: str, name: str) -> float:
+    """One counter from the instance's Prometheus endpoint (summed over its label sets)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_a_prefill_that_is_not_stored_is_an_error(cluster, tiny_fp32_model, sample_corpus):
