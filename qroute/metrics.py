@@ -36,7 +36,7 @@ class Schema:
 # Requester side: owner-group operations by kind, fallbacks taken, bytes moved over the fabric.
 ROUTER = Schema("router", ("route", "fetch", "local", "fallbacks", "bytes_moved"), ("route_s", "fetch_s"))
 # Owner side: requests answered by kind, payload bytes in and out, refusals by error code (``error:<code>``).
-OWNER = Schema("owner", ("routes", "bytes_in", "bytes_out"), ("route_handle_s",))
+OWNER = Schema("owner", ("routes", "route_batches", "bytes_in", "bytes_out"), ("route_handle_s",))
 # Transport server: connections and calls; ``reads`` stays 0 where reads bypass the owner's CPU (NIXL).
 SERVER = Schema("server", ("connections", "open_connections", "handshake_failures", "calls", "handler_errors",
                            "refused", "protocol_errors", "reads", "read_bytes"))  # fmt: skip

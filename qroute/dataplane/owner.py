@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+
+import torch
 
 from qroute.core import handshake, wire
 from qroute.dataplane.shard import CorpusShard
@@ -69,32 +72,93 @@ class OwnerService:
     # -- requests -----------------------------------------------------------------------------------
 
     def handle(self, payload: bytes) -> bytes:
+        """Answer one call (a transport's handler): the reply bytes, an ``ErrorReply`` on any failure."""
+        return self.handle_batch([payload])[0]
+
+    def handle_batch(self, payloads: Sequence[bytes]) -> list[bytes]:
+        """Answer calls that arrived together, one reply each, in order. Routes for the same corpus, layer and
+        blocks are answered by one attention over all their query rows (one pass over the corpus rows for every
+        requester instead of one each); each row's result is the one ``handle`` alone gives. The batch takes one
+        in-flight slot."""
         received = time.monotonic()
         start = time.perf_counter()
-        request_id = 0
+        if not payloads:
+            return []
         if not self._slots.acquire(blocking=False):
-            return self._error(0, ErrorCode.OVERLOADED, f"owner {self.instance_id!r} is at its in-flight limit")
+            message = f"owner {self.instance_id!r} is at its in-flight limit"
+            return [self._error(_request_id(p), ErrorCode.OVERLOADED, message) for p in payloads]
+        try:
+            replies: list[bytes | None] = [None] * len(payloads)
+            groups: dict[tuple, list[tuple[int, wire.RouteRequest]]] = {}
+            held: set[tuple[str, tuple[int, ...]]] = set()  # (corpus, blocks) checked once per batch, not per call
+            for i, payload in enumerate(payloads):
+                try:
+                    req = self._check(payload, received, held)
+                except _Refused as exc:
+                    replies[i] = self._error(exc.request_id, exc.code, exc.message)
+                    continue
+                key = (req.corpus, req.layer, req.block_ids, req.q_nope.dtype, req.q_pe.dtype)
+                groups.setdefault(key, []).append((i, req))
+            for members in groups.values():
+                try:
+                    answered = self._route_group(members)
+                except Exception as exc:  # noqa: BLE001 - every member gets the error, the service keeps serving
+                    message = f"{type(exc).__name__}: {exc}"
+                    for i, req in members:
+                        replies[i] = self._error(req.request_id, ErrorCode.INTERNAL, message)
+                    continue
+                for i, reply in answered:
+                    replies[i] = reply
+                self.stats.add_many({"routes": len(members), "route_batches": 1,
+                                     "bytes_in": sum(len(payloads[i]) for i, _ in members),
+                                     "bytes_out": sum(len(reply) for _, reply in answered)})  # fmt: skip
+            self.stats.observe("route_handle_s", (time.perf_counter() - start) / len(payloads))
+            return replies  # type: ignore[return-value]  # every slot is filled above
+        finally:
+            self._slots.release()
+
+    def _check(self, payload: bytes, received: float, held: set[tuple[str, tuple[int, ...]]]) -> wire.RouteRequest:
+        """The decoded, validated route request; raises ``_Refused`` with the code to answer."""
+        request_id = 0
         try:
             msg = wire.decode(payload)
             request_id = getattr(msg, "request_id", 0)
             if not isinstance(msg, wire.RouteRequest):
-                return self._error(request_id, ErrorCode.BAD_REQUEST, f"an owner does not answer {type(msg).__name__}")
-            reply = self._route(msg, received)
-            self.stats.add_many({"routes": 1, "bytes_in": len(payload), "bytes_out": len(reply)})
-            self.stats.observe("route_handle_s", time.perf_counter() - start)
-            return reply
-        except WireError as exc:
-            return self._error(request_id, ErrorCode.BAD_REQUEST, str(exc))
+                raise _Refused(ErrorCode.BAD_REQUEST, f"an owner does not answer {type(msg).__name__}")
+            shard = self._shard_for(msg.corpus, msg.layer, msg.block_ids, received, msg.timeout_us, held)
+            nope, pe = msg.q_nope.shape, msg.q_pe.shape
+            if len(nope) != 3 or len(pe) != 3 or nope[:2] != pe[:2] or nope[-1] != self.params.kv_lora_rank \
+                    or nope[-1] + pe[-1] != shard.width:
+                raise _Refused(ErrorCode.BAD_REQUEST,
+                               f"query rows {tuple(nope)}+{tuple(pe)} do not match latent width {shard.width}")
+            return msg
         except _Refused as exc:
-            return self._error(request_id, exc.code, exc.message)
-        except QRouteError as exc:
-            return self._error(request_id, ErrorCode.BAD_REQUEST, str(exc))
+            exc.request_id = request_id
+            raise
+        except (WireError, QRouteError) as exc:
+            raise _Refused(ErrorCode.BAD_REQUEST, str(exc), request_id) from None
         except Exception as exc:  # noqa: BLE001 - the service must outlive any one request
-            return self._error(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        finally:
-            self._slots.release()
+            raise _Refused(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", request_id) from None
 
-    def _shard_for(self, corpus: str, layer: int, block_ids: tuple[int, ...], received: float, timeout_us: int):
+    def _route_group(self, members: list[tuple[int, wire.RouteRequest]]) -> list[tuple[int, bytes]]:
+        """One attention over the stacked query rows of routes with the same corpus, layer and blocks."""
+        first = members[0][1]
+        shard = self.shards[first.corpus]
+        q_nope = torch.cat([wire.as_torch(req.q_nope) for _, req in members])
+        q_pe = torch.cat([wire.as_torch(req.q_pe) for _, req in members])
+        p = self.params
+        out, lse = partial_attention(q_nope, q_pe, shard.layers[first.layer], shard.slots(first.block_ids),
+                                     p.scale, p.kv_lora_rank)  # fmt: skip
+        replies, row = [], 0
+        for i, req in members:
+            rows = slice(row, row + req.q_nope.shape[0])
+            row = rows.stop
+            replies.append((i, wire.encode(wire.RouteReply(req.request_id, wire.to_wire(out[rows]),
+                                                           wire.to_wire(lse[rows])))))  # fmt: skip
+        return replies
+
+    def _shard_for(self, corpus: str, layer: int, block_ids: tuple[int, ...], received: float, timeout_us: int,
+                   held: set[tuple[str, tuple[int, ...]]]):
         if (time.monotonic() - received) * 1e6 > timeout_us:
             raise _Refused(ErrorCode.DEADLINE, "deadline passed before the request was served")
         shard = self.shards.get(corpus)
@@ -102,23 +166,12 @@ class OwnerService:
             raise _Refused(ErrorCode.UNKNOWN_CORPUS, f"owner {self.instance_id!r} holds no corpus {corpus!r}")
         if layer >= len(shard.layers):
             raise _Refused(ErrorCode.BAD_REQUEST, f"layer {layer} is out of range [0, {len(shard.layers)})")
-        if not shard.holds(block_ids):
-            missing = [b for b in block_ids if b not in shard.block_rows][:8]
-            raise _Refused(ErrorCode.BAD_REQUEST, f"owner {self.instance_id!r} does not hold blocks {missing}")
+        if (corpus, block_ids) not in held:
+            if not shard.holds(block_ids):
+                missing = [b for b in block_ids if b not in shard.block_rows][:8]
+                raise _Refused(ErrorCode.BAD_REQUEST, f"owner {self.instance_id!r} does not hold blocks {missing}")
+            held.add((corpus, block_ids))
         return shard
-
-    def _route(self, req: wire.RouteRequest, received: float) -> bytes:
-        shard = self._shard_for(req.corpus, req.layer, req.block_ids, received, req.timeout_us)
-        q_nope, q_pe = wire.as_torch(req.q_nope), wire.as_torch(req.q_pe)
-        p = self.params
-        if q_nope.shape[-1] != p.kv_lora_rank or q_nope.shape[-1] + q_pe.shape[-1] != shard.width:
-            raise _Refused(
-                ErrorCode.BAD_REQUEST,
-                f"query rows {tuple(q_nope.shape)}+{tuple(q_pe.shape)} do not match latent width {shard.width}",
-            )
-        slots = shard.slots(req.block_ids)
-        out, lse = partial_attention(q_nope, q_pe, shard.layers[req.layer], slots, p.scale, p.kv_lora_rank)
-        return wire.encode(wire.RouteReply(req.request_id, wire.to_wire(out), wire.to_wire(lse)))
 
     def _error(self, request_id: int, code: ErrorCode, message: str) -> bytes:
         self.stats.error(str(code))
@@ -126,7 +179,17 @@ class OwnerService:
 
 
 class _Refused(Exception):
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, request_id: int = 0):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.request_id = request_id
+
+
+def _request_id(payload: bytes) -> int:
+    """The request id of a call that is refused before it is read (0 if it cannot be decoded)."""
+    try:
+        return getattr(wire.decode(payload), "request_id", 0)
+    except Exception:  # noqa: BLE001 - an undecodable call is answered with id 0
+        return 0
+

@@ -23,7 +23,8 @@ def serve_owner(transport: Transport, service: OwnerService, **server_options) -
     for shard in service.shards.values():
         regions.update(shard.regions())
     return transport.server(
-        service.handle, regions=regions, secret=service.secret, on_hello=service.on_hello, **server_options
+        service.handle, regions=regions, secret=service.secret, on_hello=service.on_hello,
+        batch_handler=service.handle_batch, **server_options,
     )
 
 

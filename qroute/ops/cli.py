@@ -134,6 +134,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.ops.owner_process",
         "qroute.ops.calibrate",
         "qroute.bench.transport",
+        "qroute.bench.owner",
         "qroute.bench.ab",
         "qroute.ops.cluster_cli",
         "qroute.ops.check",

@@ -90,6 +90,7 @@ def demo_answers(*, corpus: Path, transport: str, max_tokens: int, base_port: in
         url = state.instances[0].url
         runs = {str(m): {"qroute": {"corpus": "corpus", "mode": str(m)}} for m in COMPARED_MODES}
         runs[NO_CORPUS] = {"qroute": {"corpus": None}}
+        greedy_completion(url, prompts[0].prompt, 1, runs[str(COMPARED_MODES[0])])  # warm-up: not in a mode's time
         for name, params in runs.items():
             run.answers[name], run.seconds[name] = _ask_all(url, prompts, max_tokens, params)
     finally:

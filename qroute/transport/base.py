@@ -3,8 +3,8 @@
 Index (side that calls it, how often, whether a repeat is safe, who owns buffers):
 
 Transport (one per process and kind; ``qroute.transport.get_transport(name, **opts)``)
-  ``server(handler, *, regions, secret, on_hello, max_request_bytes)``  owner, once per service. Returns a
-      ``Server`` that is not started. The transport keeps no reference to ``regions``; the server does.
+  ``server(handler, *, regions, secret, on_hello, max_request_bytes, batch_handler)``  owner, once per service.
+      Returns a ``Server`` that is not started. The transport keeps no reference to ``regions``; the server does.
   ``connect(address, *, secret, hello, timeout_s)``  requester, once per owner. The one handshake
       (``qroute.core.handshake``): both sides prove the shared secret over both nonces and what they carry,
       and ``hello`` goes to the owner's ``on_hello``. Raises HandshakeMismatch (wrong secret, rejected
@@ -19,6 +19,10 @@ Server (owner side)
       thread per connection; NIXL: its poll thread, and connection threads for payloads over a slot;
       loopback: one worker). An exception in it becomes a TransportError on the requester; the server keeps
       serving. ``payload`` is a fresh ``bytes`` the handler may keep; the reply is bytes-like.
+  ``batch_handler(payloads) -> replies`` (optional) answers calls that arrived together, one reply each in order,
+      so that the owner can answer them with one computation. NIXL's poll thread passes it every call one poll
+      pass found; TCP and loopback serve calls one at a time and use ``handler`` only. An exception in it fails
+      every call of the batch.
   ``regions`` (name -> contiguous numpy array or torch CPU tensor) are the ONLY memory peers may read. The
       caller owns them and must keep them alive and unmoved until ``stop()`` returns; peers may read them at
       any time (a NIXL read does not involve the owner's CPU), so writes race with reads.
@@ -60,6 +64,7 @@ from qroute.errors import ConfigError
 from qroute.metrics import MetricsSnapshot
 
 Handler = Callable[[bytes], bytes]
+BatchHandler = Callable[[Sequence[bytes]], list[bytes]]
 HelloCheck = Callable[[bytes], bytes]
 Buffer = Any  # numpy array, torch CPU tensor, bytearray, memoryview: anything byte_view accepts
 
@@ -126,8 +131,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def server(self, handler: Handler, *, regions: Mapping[str, Buffer] | None = None, secret: bytes,
-               on_hello: HelloCheck | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Server: ...
+               on_hello: HelloCheck | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               batch_handler: BatchHandler | None = None) -> Server: ...
 
     @abc.abstractmethod
     def connect(self, address: str, *, secret: bytes, hello: bytes = b"",

@@ -18,6 +18,7 @@ from qroute.metrics import SERVER, Metrics, MetricsSnapshot
 from qroute.transport.base import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_TIMEOUT_S,
+    BatchHandler,
     Buffer,
     Connection,
     Handler,
@@ -211,8 +212,8 @@ class LoopbackTransport(Transport):
     name = "loopback"
 
     def server(self, handler: Handler, *, regions: Mapping[str, Buffer] | None = None, secret: bytes,
-               on_hello: HelloCheck | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> LoopbackServer:
+               on_hello: HelloCheck | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               batch_handler: BatchHandler | None = None) -> LoopbackServer:  # calls come one at a time: handler only
         return LoopbackServer(handler, regions=regions, secret=secret, on_hello=on_hello,
                               max_request_bytes=max_request_bytes)
 

@@ -45,6 +45,7 @@ from qroute.errors import (
 from qroute.transport.base import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_TIMEOUT_S,
+    BatchHandler,
     Buffer,
     Handler,
     HelloCheck,
@@ -98,10 +99,10 @@ class NixlTransport(Transport):
         self._conns: dict[tuple[str, int], NixlConnection] = {}
 
     def server(self, handler: Handler, *, regions: Mapping[str, Buffer] | None = None, secret: bytes,
-               on_hello: HelloCheck | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> NixlServer:
+               on_hello: HelloCheck | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               batch_handler: BatchHandler | None = None) -> NixlServer:
         require_nixl()  # fail now, with the install hint, rather than at start()
-        return NixlServer(handler, regions=regions, secret=secret, on_hello=on_hello,
+        return NixlServer(handler, regions=regions, secret=secret, on_hello=on_hello, batch_handler=batch_handler,
                           max_request_bytes=max_request_bytes, slot_bytes=self.slot_bytes,
                           max_slots=self.max_slots, spin_s=self.spin_s, idle_sleep_s=self.idle_sleep_s,
                           deep_idle_s=self.deep_idle_s, reply_timeout_s=self.reply_timeout_s,

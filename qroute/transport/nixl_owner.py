@@ -5,8 +5,10 @@ partial metadata and registers an inbox for the connection, ``detach`` undoes it
 the connection's transfer handles), ``wake`` rouses the poll thread from deep sleep. Calls too big for a slot
 arrive as TCP calls on the control channel and are answered there by the same handler.
 
-Handlers of NIXL calls run on the poll thread, one at a time (a slow handler delays every requester's NIXL
-calls, not their reads); calls that came over the control channel run on that connection's thread.
+Handlers of NIXL calls run on the poll thread (a slow handler delays every requester's NIXL calls, not their
+reads); calls that came over the control channel run on that connection's thread. The calls one poll pass finds
+go to the ``batch_handler`` together when there is one (the owner answers routes for the same blocks with one
+attention), else to the handler one at a time.
 
 Polling on small machines: after work the thread spins with sched_yield for ``spin_s``, then sleeps
 ``idle_sleep_s`` at a time; after ``deep_idle_s`` it blocks until a requester rings (a WAKE frame, sent by a
@@ -20,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +31,7 @@ from qroute.core.handshake import pack_fields, unpack_fields
 from qroute.errors import ConfigError, HandshakeMismatch, TransportError, WireError
 from qroute.metrics import MetricsSnapshot
 from qroute.transport.base import (
+    BatchHandler,
     Buffer,
     Handler,
     HelloCheck,
@@ -69,11 +73,20 @@ class _OwnerConn:
         return f"_OwnerConn({self.sid}, {self.peer}, slots={self.num_slots}x{self.slot_bytes})"
 
 
+@dataclass(frozen=True)
+class _Call:
+    conn: _OwnerConn
+    req_id: int
+    slot: int
+    payload: bytes
+
+
 class NixlServer(Server):
     def __init__(self, handler: Handler, *, regions: Mapping[str, Buffer] | None, secret: bytes,
                  on_hello: HelloCheck | None, max_request_bytes: int, slot_bytes: int, max_slots: int,
                  spin_s: float, idle_sleep_s: float, deep_idle_s: float, reply_timeout_s: float,
-                 tcp_opts: Mapping[str, Any]):
+                 tcp_opts: Mapping[str, Any], batch_handler: BatchHandler | None = None):
+        self._batch_handler = batch_handler
         self._tcp = TcpServer(handler, regions=regions, secret=secret, on_hello=on_hello,
                               max_request_bytes=max_request_bytes, hooks=self, **tcp_opts)
         self._regions = region_views(regions)
@@ -188,15 +201,35 @@ class NixlServer(Server):
             if not notifs:
                 backoff.pause()
                 continue
+            calls: list[_Call] = []  # every call this pass found, answered together
             for peer, msgs in notifs.items():
                 for msg in msgs:
                     try:
-                        self._on_notif(peer, msg)
+                        call = self._on_notif(peer, msg)
                     except Exception:  # one bad message must not stop the owner
                         self._tcp.counters.add("protocol_errors")
+                        continue
+                    if call is not None:
+                        calls.append(call)
+            if calls:
+                self._answer(calls)
             backoff.busy()
 
-    def _on_notif(self, peer: str, msg: bytes) -> None:
+    def _answer(self, calls: list[_Call]) -> None:
+        payloads = [call.payload for call in calls]
+        if self._batch_handler is not None and len(calls) > 1:
+            results = self._tcp.invoke_batch(payloads, self._batch_handler)
+        else:
+            results = [self._tcp.invoke(payload) for payload in payloads]
+        for call, (ok, reply) in zip(calls, results, strict=True):
+            try:
+                self._reply(call.conn, call.req_id, call.slot, ReplyStatus.OK if ok else ReplyStatus.HANDLER_ERROR,
+                            reply)  # fmt: skip
+            except Exception:  # one failed reply must not cost the others theirs
+                self._tcp.counters.add("protocol_errors")
+
+    def _on_notif(self, peer: str, msg: bytes) -> _Call | None:
+        """Answer what needs no handler (pings, refusals); a call to answer is returned."""
         if len(msg) != NOTIF.size:
             self._tcp.counters.add("protocol_errors")
             return
@@ -221,8 +254,7 @@ class NixlServer(Server):
             self._reply(conn, req_id, slot, ReplyStatus.REFUSED, message.encode())
             return
         start = slot * conn.slot_bytes
-        ok, reply = self._tcp.invoke(conn.inbox[start:start + length].tobytes())
-        self._reply(conn, req_id, slot, ReplyStatus.OK if ok else ReplyStatus.HANDLER_ERROR, reply)
+        return _Call(conn, req_id, slot, conn.inbox[start:start + length].tobytes())
 
     def _reply(self, conn: _OwnerConn, req_id: int, slot: int, status: ReplyStatus, body: bytes) -> None:
         agent = self._agent

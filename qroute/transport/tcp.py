@@ -19,6 +19,7 @@ from qroute.errors import ConfigError, RemoteDisconnected, TransportError, Trans
 from qroute.transport.base import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_TIMEOUT_S,
+    BatchHandler,
     Buffer,
     Connection,
     Handler,
@@ -393,8 +394,8 @@ class TcpTransport(Transport):
                                  handshake_timeout_s=handshake_timeout_s, io_timeout_s=io_timeout_s)
 
     def server(self, handler: Handler, *, regions: Mapping[str, Buffer] | None = None, secret: bytes,
-               on_hello: HelloCheck | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> TcpServer:
+               on_hello: HelloCheck | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               batch_handler: BatchHandler | None = None) -> TcpServer:  # calls come one at a time: handler only
         return TcpServer(handler, regions=regions, secret=secret, on_hello=on_hello,
                          max_request_bytes=max_request_bytes, **self._server_opts)
 

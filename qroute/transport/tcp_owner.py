@@ -32,6 +32,7 @@ from qroute.core.handshake import (
 from qroute.errors import ConfigError, ErrorCode, HandshakeMismatch, RemoteDisconnected, TransportError, WireError
 from qroute.metrics import SERVER, Metrics, MetricsSnapshot
 from qroute.transport.base import (
+    BatchHandler,
     Buffer,
     Handler,
     HelloCheck,
@@ -201,6 +202,20 @@ class TcpServer(Server):
         if session is None:
             raise RemoteDisconnected(f"control connection {sid} is gone")
         session.send(parts, time.monotonic() + timeout_s)
+
+    def invoke_batch(self, payloads: Sequence[bytes], batch_handler: BatchHandler) -> list[tuple[bool, bytes]]:
+        """Run ``batch_handler`` over calls that arrived together: one ``invoke`` result per call, in order."""
+        self.counters.add("calls", len(payloads))
+        try:
+            replies = batch_handler(payloads)
+            if len(replies) != len(payloads) or not all(isinstance(r, bytes | bytearray | memoryview)
+                                                        for r in replies):  # fmt: skip
+                raise TypeError(f"batch handler returned {len(replies)} replies for {len(payloads)} calls")
+        except Exception as exc:  # a failing handler must not kill the owner
+            self.counters.add("handler_errors", len(payloads))
+            error = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+            return [(False, error)] * len(payloads)
+        return [(True, r if isinstance(r, bytes) else bytes(r)) for r in replies]
 
     def invoke(self, payload: bytes) -> tuple[bool, bytes]:
         """Run the handler: (True, reply) or (False, error message). Its exceptions never escape."""

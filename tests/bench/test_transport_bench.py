@@ -37,6 +37,9 @@ def test_bench_transport_json(capsys):
         assert report[key.replace("_us", "_p99_us")] >= report[key]
     assert report["interleaved"]["route_rtt_us"] > 0 and report["interleaved"]["raw_nixl_rtt_us"] > 0
     assert report["route_over_raw"] == pytest.approx(report["route_rtt_us"] / report["raw_nixl_rtt_us"])
+    assert report["raw_rtt_us"] == report["raw_nixl_rtt_us"]
+    assert report["route_overhead_over_raw"] == pytest.approx(
+        (report["route_rtt_us"] - report["owner_compute_us"]) / report["raw_rtt_us"])  # fmt: skip
     assert (report["heads"], report["tokens"], report["iters"]) == (2, 32, 20)
     assert report["fetch_bytes"] == 32 * 576 * 4
     assert set(report["breakdown_us"]) >= {"encode", "owner_handle_in_owner", "owner_compute", "decode", "raw_nixl_rtt"}

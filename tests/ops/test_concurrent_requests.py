@@ -1,10 +1,10 @@
 """Many agents at once, end to end through the official ``openai`` client: four different questions in flight at
 once over three qroute instances (so several requests share each engine step), through completions and chat,
-streaming and not, and with ``max_tokens=1``, each equal to one stock instance holding corpus + question; a
-``"corpus": null`` request in the same batch equals a plain instance without the corpus. The cluster runs with
-replicas, corpus prefills split over steps and preemptions (see ``REPLICAS``). And a corpus prefill that an
-instance does not store is an error of the launcher, never a silently missing chunk. One reference instance, then
-three qroute instances."""
+streaming and not, and with ``max_tokens=1``, each equal to one stock instance holding corpus + question (tokens,
+and logprobs within ``check.TOLERANCE``); a ``"corpus": null`` request in the same batch equals a plain instance
+without the corpus. The cluster runs with replicas, corpus prefills split over steps and preemptions (see
+``REPLICAS``). And a corpus prefill that an instance does not store is an error of the launcher, never a silently
+missing chunk. One reference instance, then three qroute instances."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from qroute.core.corpus import place_model_corpus
 from qroute.errors import QRouteError
+from qroute.ops.check import TOLERANCE
 from qroute.ops.cluster import ClusterSpec, prefill_corpus_http, start_cluster, stop_cluster
 from qroute.ops.demo_core import question_ids
 
@@ -47,33 +48,40 @@ def _extra(kv: dict | None = ON_CORPUS) -> dict:
     return {"return_tokens_as_token_ids": True, **({"kv_transfer_params": kv} if kv is not None else {})}
 
 
+Answer = tuple[list[int], list[float]]  # greedy token ids and their logprobs
+
+
 def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON_CORPUS,
-                max_tokens: int = MAX_TOKENS) -> list[int]:
+                max_tokens: int = MAX_TOKENS) -> Answer:
     kwargs = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=1)
     if not stream:
         reply = client.completions.create(**kwargs, extra_body=_extra(kv))
         if kv is ON_CORPUS:  # qroute reports what it did: a local part on every instance, no error
             qroute = ((reply.model_extra or {}).get("kv_transfer_params") or {}).get("qroute")
             assert qroute and "error" not in qroute and qroute["local"] > 0, qroute
-        return _ids(reply.choices[0].logprobs.tokens)
+        logprobs = reply.choices[0].logprobs
+        return _ids(logprobs.tokens), list(logprobs.token_logprobs)
     tokens: list[str] = []
+    values: list[float] = []
     for chunk in client.completions.create(**kwargs, stream=True, extra_body=_extra(kv)):
         if chunk.choices and chunk.choices[0].logprobs is not None:
             tokens += chunk.choices[0].logprobs.tokens
-    return _ids(tokens)
+            values += chunk.choices[0].logprobs.token_logprobs
+    return _ids(tokens), values
 
 
-def _chat(client, question: str, *, stream: bool) -> list[int]:
+def _chat(client, question: str, *, stream: bool) -> Answer:
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS,
                   temperature=0.0, logprobs=True)  # fmt: skip
     if not stream:
         reply = client.chat.completions.create(**kwargs, extra_body=_extra())
-        return _ids([c.token for c in reply.choices[0].logprobs.content])
-    tokens: list[str] = []
-    for chunk in client.chat.completions.create(**kwargs, stream=True, extra_body=_extra()):
-        if chunk.choices and chunk.choices[0].logprobs is not None:
-            tokens += [c.token for c in chunk.choices[0].logprobs.content or []]
-    return _ids(tokens)
+        content = reply.choices[0].logprobs.content
+    else:
+        content = []
+        for chunk in client.chat.completions.create(**kwargs, stream=True, extra_body=_extra()):
+            if chunk.choices and chunk.choices[0].logprobs is not None:
+                content += chunk.choices[0].logprobs.content or []
+    return _ids([c.token for c in content]), [c.logprob for c in content]
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +148,14 @@ def test_many_questions_at_once_through_every_endpoint_equal_the_reference(clust
     with ThreadPoolExecutor(len(jobs)) as pool:  # all in flight at once: 17 requests over 3 instances
         futures = {key: pool.submit(fn, client, arg, **kw) for key, (fn, client, arg, kw) in jobs.items()}
         got = {key: future.result() for key, future in futures.items()}
-    for (q, kind), tokens in got.items():
-        expected = without if kind == "no corpus" else want[q][:1] if kind == "one token" else want[q]
+    for (q, kind), (tokens, logprobs) in got.items():
+        expected, expected_logprobs = without if kind == "no corpus" else want[q]
+        if kind == "one token":
+            expected, expected_logprobs = expected[:1], expected_logprobs[:1]
         assert tokens == expected, (q, kind, tokens, expected)
-    assert without != want[0]  # the corpus changes the answer: the comparison can tell
+        worst = max(abs(a - b) for a, b in zip(logprobs, expected_logprobs, strict=True))
+        assert worst <= TOLERANCE, (q, kind, worst)
+    assert without[0] != want[0][0]  # the corpus changes the answer: the comparison can tell
     preempted = sum(_metric(info.url, "vllm:num_preemptions_total") for info in cluster.instances)
     assert preempted > 0, "the paged cache was large enough for every request: no preemption was exercised"
 
