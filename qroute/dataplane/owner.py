@@ -97,7 +97,9 @@ class OwnerService:
                 except _Refused as exc:
                     replies[i] = self._error(exc.request_id, exc.code, exc.message)
                     continue
-                key = (req.corpus, req.layer, req.block_ids, req.q_nope.dtype, req.q_pe.dtype)
+                # rows stack only where every dimension but the first agrees
+                key = (req.corpus, req.layer, req.block_ids, req.q_nope.dtype, req.q_pe.dtype,
+                       tuple(req.q_nope.shape[1:]), tuple(req.q_pe.shape[1:]))
                 groups.setdefault(key, []).append((i, req))
             for members in groups.values():
                 try:

@@ -18,11 +18,12 @@ def service(tiny_model_dir, sample_corpus):
     return prepared, prepared.owner_service("owner", SECRET, max_inflight=2)
 
 
-def _route(prepared, request_id, rows, layer=0, block_ids=(0, 1, 2), corpus=None, seed=None) -> bytes:
-    g = torch.Generator().manual_seed(request_id if seed is None else seed)
+def _route(prepared, request_id, rows, layer=0, block_ids=(0, 1, 2), corpus=None, heads=None) -> bytes:
+    g = torch.Generator().manual_seed(request_id)
     geometry = prepared.geometry
-    q_nope = torch.randn(rows, geometry.num_heads, geometry.kv_lora_rank, generator=g)
-    q_pe = torch.randn(rows, geometry.num_heads, geometry.qk_rope_head_dim, generator=g)
+    heads = heads or geometry.num_heads
+    q_nope = torch.randn(rows, heads, geometry.kv_lora_rank, generator=g)
+    q_pe = torch.randn(rows, heads, geometry.qk_rope_head_dim, generator=g)
     return wire.encode(wire.RouteRequest(request_id, corpus or prepared.directory.name, layer, wire.to_wire(q_nope),
                                          wire.to_wire(q_pe), tuple(block_ids), 10_000_000))  # fmt: skip
 
@@ -31,6 +32,7 @@ def test_a_batch_answers_each_call_as_alone(service):
     prepared, owner = service
     calls = [_route(prepared, k, rows=1 + k % 3) for k in range(8)]  # 8 requesters, the same blocks
     calls += [_route(prepared, 20, rows=2, layer=1), _route(prepared, 21, rows=1, block_ids=(3, 4))]
+    calls += [_route(prepared, 24, rows=1, heads=2)]  # fewer heads: its rows cannot stack with the others
     calls += [b"not a message", _route(prepared, 22, rows=1, corpus="other"), _route(prepared, 23, rows=1, layer=99)]
     alone = [owner.handle(call) for call in calls]
     before = owner.stats.snapshot().counters
@@ -38,12 +40,12 @@ def test_a_batch_answers_each_call_as_alone(service):
     after = owner.stats.snapshot().counters
     assert together == alone  # byte for byte, in order
     replies = [wire.decode(r) for r in together]
-    assert [r.request_id for r in replies[:10]] == [*range(8), 20, 21]
-    assert all(isinstance(r, wire.RouteReply) for r in replies[:10])
-    assert [r.code for r in replies[10:]] == [ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CORPUS, ErrorCode.BAD_REQUEST]
-    # three groups computed (8 calls on blocks 0-2 at layer 0, one at layer 1, one on blocks 3-4), ten routes
-    assert after["route_batches"] - before["route_batches"] == 3
-    assert after["routes"] - before["routes"] == 10
+    assert [r.request_id for r in replies[:11]] == [*range(8), 20, 21, 24]
+    assert all(isinstance(r, wire.RouteReply) for r in replies[:11])
+    assert [r.code for r in replies[11:]] == [ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CORPUS, ErrorCode.BAD_REQUEST]
+    # four groups computed (8 calls on blocks 0-2 at layer 0, one at layer 1, one on blocks 3-4, one with 2 heads)
+    assert after["route_batches"] - before["route_batches"] == 4
+    assert after["routes"] - before["routes"] == 11
 
 
 def test_a_batch_over_the_in_flight_limit_is_refused_as_a_whole(service):
