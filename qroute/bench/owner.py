@@ -12,7 +12,6 @@ two are timed interleaved, round by round, so that both see the same machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -84,12 +83,9 @@ def _print(r: dict[str, Any], out=None) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    report = run_bench(heads=args.heads, tokens=args.tokens, rounds=args.rounds)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print(report)
-    return 0
+    from qroute.bench import emit
+
+    return emit(run_bench(heads=args.heads, tokens=args.tokens, rounds=args.rounds), args.json, _print)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

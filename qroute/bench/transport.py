@@ -20,7 +20,6 @@ of the slots, WRITEs, polling).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -226,12 +225,9 @@ def _print(r: dict[str, Any], out: TextIO | None = None) -> None:
 
 
 def _cmd_bench_transport(args: argparse.Namespace) -> int:
-    report = run_bench(heads=args.heads, tokens=args.tokens, iters=args.iters)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print(report)
-    return 0
+    from qroute.bench import emit
+
+    return emit(run_bench(heads=args.heads, tokens=args.tokens, iters=args.iters), args.json, _print)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -242,6 +242,12 @@ def parse_request_params(params: object, *, default_corpus: str | None, default_
 OWNER_MODES = (Mode.AUTO, Mode.ROUTE, Mode.FETCH)  # 'local' is not a choice for blocks another instance owns
 
 
+def group_mode(owners: Sequence[str], owner_modes: Mapping[str, str], default: str) -> str:
+    """The mode that decides a group of blocks held by ``owners`` (in their order): that of the first owner
+    ``owner_modes`` names, else ``default``."""
+    return next((owner_modes[o] for o in owners if o in owner_modes), default)
+
+
 def _owner_modes(raw: object, known_instances: Collection[str] | None) -> tuple[tuple[str, str], ...]:
     if raw is None:
         return ()

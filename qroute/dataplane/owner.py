@@ -10,8 +10,9 @@ typed code, so one bad request never stops the service.
 Latent rows are not served here: requesters read them one-sidedly from the regions the transport
 server exposes (``peering.serve_owner``).
 
-Bounded: at most ``max_inflight`` requests are computed at once; more get ``overloaded`` at once
-rather than queueing without bound. A request whose deadline passed before its turn gets ``deadline``.
+Bounded: at most ``max_inflight`` calls (or batches of calls, ``handle_batch``) are computed at once; more get
+``overloaded`` at once rather than queueing without bound. A request whose deadline passed before its turn gets
+``deadline``.
 """
 
 from __future__ import annotations
@@ -194,4 +195,3 @@ def _request_id(payload: bytes) -> int:
         return getattr(wire.decode(payload), "request_id", 0)
     except Exception:  # noqa: BLE001 - an undecodable call is answered with id 0
         return 0
-

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qroute.core import wire
-from qroute.core.config import MODES, Mode
+from qroute.core.config import MODES, Mode, group_mode
 from qroute.core.costmodel import Decision, FabricProfile, Workload, costs
 from qroute.core.geometry import MLAGeometry
 from qroute.core.placement import CorpusDirectory
@@ -186,8 +186,8 @@ class Router:
         parts = [OwnerPart(tuple(local), Decision.LOCAL, ())] if local else []
         owner_modes = owner_modes or {}
         for owners, blocks in groups.items():
-            group_mode = next((owner_modes[o] for o in owners if o in owner_modes), mode)
-            parts.append(OwnerPart(tuple(blocks), self._decide(group_mode, num_rows, owners, blocks), owners))
+            decided_by = group_mode(owners, owner_modes, mode)
+            parts.append(OwnerPart(tuple(blocks), self._decide(decided_by, num_rows, owners, blocks), owners))
         return StepPlan(corpus=d.name, num_rows=num_rows, parts=tuple(parts))
 
     def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: list[int]) -> Decision:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from qroute.core.config import COMPARED_MODES, Mode
+from qroute.core.config import COMPARED_MODES, Mode, group_mode
 from qroute.errors import QRouteError
 from qroute.ops.cluster import ClusterSpec, completion, http_json, start_cluster, stop_cluster
 
@@ -81,7 +81,7 @@ def expected_operations(directory, instance: str, num_layers: int, steps: int,
     per_step = num_layers * steps
     expected = {"local": per_step * int(held), "remote": per_step * len(remote)}
     if owner_modes:
-        modes = [next(owner_modes[o] for o in owners if o in owner_modes) for owners in remote]
+        modes = [group_mode(owners, owner_modes, "") for owners in remote]
         expected.update(route=per_step * modes.count(Mode.ROUTE), fetch=per_step * modes.count(Mode.FETCH))
     return expected
 

@@ -208,9 +208,11 @@ class TcpServer(Server):
         self.counters.add("calls", len(payloads))
         try:
             replies = batch_handler(payloads)
-            if len(replies) != len(payloads) or not all(isinstance(r, bytes | bytearray | memoryview)
-                                                        for r in replies):  # fmt: skip
+            if len(replies) != len(payloads):
                 raise TypeError(f"batch handler returned {len(replies)} replies for {len(payloads)} calls")
+            for reply in replies:
+                if not isinstance(reply, bytes | bytearray | memoryview):
+                    raise TypeError(f"handler returned {type(reply).__name__}, expected bytes")
         except Exception as exc:  # a failing handler must not kill the owner
             self.counters.add("handler_errors", len(payloads))
             error = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
@@ -219,15 +221,7 @@ class TcpServer(Server):
 
     def invoke(self, payload: bytes) -> tuple[bool, bytes]:
         """Run the handler: (True, reply) or (False, error message). Its exceptions never escape."""
-        self.counters.add("calls")
-        try:
-            reply = self._handler(payload)
-            if not isinstance(reply, bytes | bytearray | memoryview):
-                raise TypeError(f"handler returned {type(reply).__name__}, expected bytes")
-        except Exception as exc:  # a failing handler must not kill the owner
-            self.counters.add("handler_errors")
-            return False, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
-        return True, reply if isinstance(reply, bytes) else bytes(reply)
+        return self.invoke_batch([payload], lambda payloads: [self._handler(payloads[0])])[0]
 
     # -- threads --
 
