@@ -26,7 +26,10 @@ QUESTIONS = [
 ]
 INSTANCES = ["i0", "i1", "i2"]
 BLOCKS_PER_CHUNK = 2
-MAX_TOKENS = 6
+# Long enough that every answer grows past its prompt's blocks: 7 requests per instance, each needing about 4
+# blocks at once, cannot all fit in KV_BLOCKS, so vLLM must preempt (with 6 tokens, whether it did depended on
+# arrival timing).
+MAX_TOKENS = 40
 # The qroute cluster runs tight, so that the paths a roomy test never takes run too: each chunk held by two
 # instances (replicas), a step budget below a corpus chunk (its prefill is split over steps), and a paged cache
 # too small for every request in flight (vLLM preempts requests and recomputes them).
