@@ -7,7 +7,8 @@ scheduled request that attends to the corpus, keyed by the KV-cache **slot of it
 ids (docs/vllm-internals.md (b)).
 
 Worker -> scheduler (``QRouteWorkerMeta``, via ``build_connector_worker_meta``): per request, the owner-layer
-operations of this step (route / fetch / local counts and bytes moved), stored corpus chunks and errors.
+operations of this step (route / fetch / local counts, bytes moved, operations shared with other requests),
+stored corpus chunks and errors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 __all__ = ["COUNTERS", "QRouteStepMeta", "QRouteWorkerMeta", "RequestStep", "computed_block", "first_slot", "map_rows"]
 
-COUNTERS = ("route", "fetch", "local", "bytes_moved")
+# Per request and step: owner-layer operations by kind, bytes moved for it (its rows' share of a shared message),
+# and how many of its operations also served other requests of the same step (one message for all of them).
+COUNTERS = ("route", "fetch", "local", "bytes_moved", "shared")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class QRouteStepMeta(KVConnectorMetadata):
 
 @dataclass
 class QRouteWorkerMeta(KVConnectorWorkerMetadata):
-    counts: dict[str, list[int]] = field(default_factory=dict)  # req_id -> [route, fetch, local, bytes_moved]
+    counts: dict[str, list[int]] = field(default_factory=dict)  # req_id -> COUNTERS
     stored: dict[str, int] = field(default_factory=dict)  # req_id -> corpus chunk fully stored this step
     errors: dict[str, str] = field(default_factory=dict)  # req_id -> first error
 

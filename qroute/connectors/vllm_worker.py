@@ -4,10 +4,12 @@
   ``[rows this instance holds, kv_lora_rank + rope_dim]`` per layer, ``shard_layout`` order), starts the
   owner service on the configured address and the peer connections (``OwnerLinks``), and the ``Router``.
 - ``start_step`` (plan, once per step, from ``bind_connector_metadata``): maps query rows to requests by
-  the slot of their first scheduled token, plans each request's corpus parts with the router (predicate,
-  mode) and the ``PositionShift`` that moves its queries from own position ``i`` to ``shift + i``.
-- ``attend_corpus`` (run, once per layer and request, from the attention backend): moves ``q_pe`` and
-  returns the router's exact merge of the request's own part and its corpus parts.
+  the slot of their first scheduled token, groups the requests that attend to the same blocks under the same
+  modes (``StepGroup``), plans each group's corpus parts once with the router (predicate, mode, over all its
+  rows) and stacks its members' ``PositionShift`` (own position ``i`` -> ``shift + i``).
+- ``attend_step`` (run, once per layer for the whole step, from the attention backend): per group, moves
+  ``q_pe`` and merges the router's corpus parts into the rows' own parts: one message per owner carries every
+  row of the group, and the owner answers them with one attention.
 - ``save_layer`` (once per layer, from ``save_kv_layer``): a corpus-prefill request's latent rows go into
   the store at its chunk's rows, ``k_pe`` moved from local position ``i`` to ``chunk.start + i``.
 
@@ -42,6 +44,7 @@ from qroute.numerics.rope import PositionShift
 
 logger = logging.getLogger("vllm.qroute")
 
+_ROUTER_COUNTERS = COUNTERS[:4]  # route, fetch, local, bytes_moved: the router's own counters
 STORE_DTYPE = torch.float32  # the resident corpus rows, whatever the model dtype
 PEER_WAIT_FACTOR = 5  # a step waits at most this many timeout_s for owners that are not connected yet
 # vLLM ropes DeepSeek with is_neox_style=False whatever the checkpoint's rope_interleave says.
@@ -55,9 +58,28 @@ class RequestRun:
     start: int  # first query row in the batch
     stop: int
     shift: PositionShift  # own positions -> shift + own positions
-    plan: StepPlan | None = None  # None: nothing to attend to (or an error)
+    attends: tuple | None = None  # what it attends to, (before_token, mode, owner_modes); None: no corpus
     store_rows: torch.Tensor | None = None  # shard rows of the first len(store_rows) query rows
     error: str | None = None
+
+
+@dataclass
+class StepGroup:
+    """The requests of one step that attend to the same corpus blocks under the same modes: their rows go
+    together, so each layer makes one router run (one message per owner) for all of them, decided once."""
+
+    runs: list[RequestRun]
+    rows: slice | torch.Tensor  # their rows of the batch, in order (a slice where they are adjacent)
+    num_rows: int
+    shift: PositionShift  # every member's shift, stacked
+    plan: StepPlan
+    error: str | None = None
+
+
+def _batch_rows(runs: list[RequestRun]) -> slice | torch.Tensor:
+    if all(a.stop == b.start for a, b in zip(runs, runs[1:], strict=False)):
+        return slice(runs[0].start, runs[-1].stop)  # a view, no gather
+    return torch.cat([torch.arange(run.start, run.stop) for run in runs])
 
 
 class QRouteWorkerSide:
@@ -76,6 +98,7 @@ class QRouteWorkerSide:
         self.links: OwnerLinks | None = None
         self.layer_index: dict[str, int] = {}
         self._runs: dict[int, RequestRun] = {}  # first row -> run
+        self._groups: list[StepGroup] = []
         self._slot_mapping = torch.empty(0, dtype=torch.int64)
         self._stored_layers: dict[str, set[int]] = {}
         self._stored_chunks: set[int] = set()  # own chunks whose rows are in the store (all layers)
@@ -124,17 +147,24 @@ class QRouteWorkerSide:
 
     def start_step(self, meta: QRouteStepMeta, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor) -> None:
         """Plan this step: ``slot_mapping [T]`` and ``query_start_loc [num_reqs + 1]`` of the forward."""
-        self._runs = {}
+        self._runs, self._groups = {}, []
         self._slot_mapping = slot_mapping.to(device="cpu", dtype=torch.int64)
         if self.router is None or not meta.requests:
             return
+        attending: dict[tuple, list[RequestRun]] = {}
         for start, stop, step in map_rows(self._slot_mapping.tolist(), query_start_loc.tolist(), meta.requests):
-            self._runs[start] = self._plan(start, stop, step)
+            run = self._runs[start] = self._request_run(start, stop, step)
+            if run.error is None and run.attends is not None:
+                attending.setdefault(run.attends, []).append(run)
+        for attends, runs in attending.items():
+            group = self._plan_group(attends, runs)
+            if group is not None:
+                self._groups.append(group)
 
     def end_step(self) -> None:
-        self._runs = {}
+        self._runs, self._groups = {}, []
 
-    def _plan(self, start: int, stop: int, step: RequestStep) -> RequestRun:
+    def _request_run(self, start: int, stop: int, step: RequestStep) -> RequestRun:
         d, inv_freq = self.directory, self.params.inv_freq
         own = torch.arange(step.first_pos, step.first_pos + stop - start)
         shift = PositionShift(own, own + step.position_shift, inv_freq, interleaved=INTERLEAVED,
@@ -154,22 +184,31 @@ class QRouteWorkerSide:
         if not_ready:  # attending to an empty store would be silently wrong
             self._fail(run, f"corpus {d.name!r} is not ready on {self.config.instance_id!r}: its chunks "
                             f"{not_ready[:8]} are not prefilled (send prefill_chunk requests first)")  # fmt: skip
-            return run
-        if step.visible_tokens > 0:
+        elif step.visible_tokens > 0:
             before = None if step.visible_tokens >= d.num_tokens else step.visible_tokens
-            try:
-                run.plan = self.router.plan(stop - start, before_token=before, mode=step.mode,
-                                            owner_modes=dict(step.owner_modes))  # fmt: skip
-            except QRouteError as exc:  # e.g. mode 'local' with remote blocks
-                self._fail(run, str(exc))
-                return run
-            remote = [p.owners for p in run.plan.parts if p.decision is not Decision.LOCAL]
-            for owner in {o for owners in remote for o in owners}:
-                peer = self.router.peers.get(owner)
-                if peer is not None and not peer.alive:  # failed recently: get a fresh connection
-                    self.links.reconnect(owner)
-            self.links.wait_for(remote, PEER_WAIT_FACTOR * self.config.timeout_s)  # the router falls back/fails
+            run.attends = (before, step.mode, step.owner_modes)
         return run
+
+    def _plan_group(self, attends: tuple, runs: list[RequestRun]) -> StepGroup | None:
+        """Decide once for every row of ``runs`` (the predicate sees them all) and wait for the owners it needs."""
+        before, mode, owner_modes = attends
+        num_rows = sum(run.stop - run.start for run in runs)
+        try:
+            plan = self.router.plan(num_rows, before_token=before, mode=mode, owner_modes=dict(owner_modes))
+        except QRouteError as exc:  # e.g. mode 'local' with remote blocks
+            for run in runs:
+                self._fail(run, str(exc))
+            return None
+        if not plan.parts:
+            return None
+        remote = [p.owners for p in plan.parts if p.decision is not Decision.LOCAL]
+        for owner in {o for owners in remote for o in owners}:
+            peer = self.router.peers.get(owner)
+            if peer is not None and not peer.alive:  # failed recently: get a fresh connection
+                self.links.reconnect(owner)
+        self.links.wait_for(remote, PEER_WAIT_FACTOR * self.config.timeout_s)  # the router falls back/fails
+        shift = runs[0].shift if len(runs) == 1 else PositionShift.cat([run.shift for run in runs])
+        return StepGroup(runs, _batch_rows(runs), num_rows, shift, plan)
 
     def _shard_rows(self, positions: torch.Tensor) -> torch.Tensor:
         rows = self.shard.block_rows
@@ -178,25 +217,44 @@ class QRouteWorkerSide:
 
     # -- run: once per layer ------------------------------------------------------------------------
 
-    def attend_corpus(self, layer: int, start: int, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part:
-        """The request whose rows start at ``start``: its ``own`` part merged with its corpus parts,
-        ``(out [n, H, R], lse [n, H])`` float32, natural log; ``own`` alone when it attends to no corpus this
-        step (or its corpus attention failed: the request is then failed, see the module docstring).
+    def attend_step(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part:
+        """Every row's ``own`` part merged with its corpus part, ``(out [T, H, R], lse [T, H])`` float32, natural
+        log (``own``'s tensors, updated in place): one router run per group of requests that attend to the same
+        blocks (``StepGroup``). Rows that attend to no corpus this step, or whose corpus attention failed (the
+        request is then failed, see the module docstring), keep their own part.
 
-        ``q_nope [n, H, R]`` absorbed, ``q_pe [n, H, P]`` roped by vLLM at the rows' own positions.
+        ``q_nope [T, H, R]`` absorbed, ``q_pe [T, H, P]`` roped by vLLM at the rows' own positions.
         """
-        run = self._runs.get(start)
-        if run is None or run.plan is None or not run.plan.parts or run.error is not None:
-            return own
-        before = self.router.stats.values(COUNTERS)
-        try:
-            return self.router.run(layer, q_nope, run.shift(q_pe), run.plan, own=own)
-        except QRouteError as exc:
-            self._fail(run, str(exc))
-            return own
-        finally:
-            after = self.router.stats.values(COUNTERS)
-            self._report.add(run.step.req_id, [a - b for a, b in zip(after, before, strict=True)])
+        out, lse = own
+        for group in self._groups:
+            if group.error is not None:
+                continue
+            rows = group.rows
+            before = self.router.stats.values(_ROUTER_COUNTERS)
+            try:
+                part = self.router.run(layer, q_nope[rows], group.shift(q_pe[rows]), group.plan,
+                                       own=(out[rows], lse[rows]))  # fmt: skip
+            except QRouteError as exc:
+                group.error = str(exc)
+                for run in group.runs:
+                    self._fail(run, group.error)
+                continue
+            finally:
+                self._count(group, before)
+            out[rows], lse[rows] = part
+        return out, lse
+
+    def _count(self, group: StepGroup, before: list[int]) -> None:
+        """Each member's share of the group's operations: every operation is also its own (its rows were in
+        it); bytes are split by rows; ``shared`` counts the operations it shared with other requests."""
+        route, fetch, local, moved = (a - b for a, b in zip(self.router.stats.values(_ROUTER_COUNTERS), before,
+                                                            strict=True))  # fmt: skip
+        shared = route + fetch + local if len(group.runs) > 1 else 0
+        done = 0  # rows counted so far: the shares are differences of a running split, so they add up to `moved`
+        for run in group.runs:
+            share = moved * (done + run.stop - run.start) // group.num_rows - moved * done // group.num_rows
+            done += run.stop - run.start
+            self._report.add(run.step.req_id, [route, fetch, local, share, shared])
 
     def save_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
         """Copy corpus-prefill rows of this layer from the paged cache into the store (global RoPE)."""

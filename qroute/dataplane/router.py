@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from qroute.transport import SupportsOneSidedRead
 logger = logging.getLogger(__name__)
 
 DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before trying it again
+_DENSE_PLANS_KEPT = 64  # grouped block sets of dense plans kept (one per corpus prefix length in use)
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,21 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class OwnerPart:
-    """Blocks of one step that one owner group answers, and how."""
+    """Blocks of one step that one owner group answers, and how; with what running it needs, prepared once per
+    step rather than per layer: the local rows (``slots``) and each owner's READ ranges (``read_ranges``)."""
 
     block_ids: tuple[int, ...]
     decision: Decision
     owners: tuple[str, ...]  # replicas in preference order; empty for local blocks
+    slots: torch.Tensor | None = field(default=None, compare=False, repr=False)  # local rows of the blocks
+    _ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict, compare=False, repr=False)
+
+    def read_ranges(self, peer: Peer, row_bytes: int) -> list[tuple[int, int]]:
+        """Byte ranges of the blocks in ``peer``'s regions (computed on first use, then kept for the step)."""
+        ranges = self._ranges.get(peer.instance_id)
+        if ranges is None:
+            ranges = self._ranges[peer.instance_id] = byte_ranges(peer.block_rows, self.block_ids, row_bytes)
+        return ranges
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,7 @@ class Router:
         self.cache = BlockCache(config.cache_bytes) if config.cache_bytes else None
         self.stats = Metrics(ROUTER)
         self._request_ids = itertools.count(1)
+        self._dense: dict[int, tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]] = {}
 
     def add_peer(self, instance_id: str, connection) -> None:
         """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable."""
@@ -171,26 +183,40 @@ class Router:
         mode = mode or self.config.mode
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not one of {MODES}")
-        d = self.directory
         if block_ids is None:
-            last = d.num_blocks if before_token is None else before_token // d.block_size
-            block_ids = range(last)
-        groups: dict[tuple[str, ...], list[int]] = {}
-        local: list[int] = []
-        for block_id in block_ids:
-            owners = d.chunk_for_block(block_id).owners
-            if self.local_shard is not None and block_id in self.local_shard.block_rows:
-                local.append(block_id)
-            else:
-                groups.setdefault(owners, []).append(block_id)
-        parts = [OwnerPart(tuple(local), Decision.LOCAL, ())] if local else []
+            last = self.directory.num_blocks if before_token is None else before_token // self.directory.block_size
+            local, groups = self._dense_groups(last)
+        else:
+            local, groups = self._group(block_ids)
+        parts = [local] if local is not None else []
         owner_modes = owner_modes or {}
         for owners, blocks in groups.items():
             decided_by = group_mode(owners, owner_modes, mode)
-            parts.append(OwnerPart(tuple(blocks), self._decide(decided_by, num_rows, owners, blocks), owners))
-        return StepPlan(corpus=d.name, num_rows=num_rows, parts=tuple(parts))
+            parts.append(OwnerPart(blocks, self._decide(decided_by, num_rows, owners, blocks), owners))
+        return StepPlan(corpus=self.directory.name, num_rows=num_rows, parts=tuple(parts))
 
-    def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: list[int]) -> Decision:
+    def _dense_groups(self, last: int) -> tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]:
+        """``_group`` of blocks ``[0, last)``, kept: every step of every dense request asks for one of a few."""
+        grouped = self._dense.get(last)
+        if grouped is None:
+            if len(self._dense) >= _DENSE_PLANS_KEPT:
+                self._dense.clear()
+            grouped = self._dense[last] = self._group(range(last))
+        return grouped
+
+    def _group(self, block_ids: Sequence[int]) -> tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]:
+        """The local part (its rows prepared) and the other blocks by owner group."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        local: list[int] = []
+        for block_id in block_ids:
+            if self.local_shard is not None and block_id in self.local_shard.block_rows:
+                local.append(block_id)
+            else:
+                groups.setdefault(self.directory.chunk_for_block(block_id).owners, []).append(block_id)
+        part = OwnerPart(tuple(local), Decision.LOCAL, (), slots=self.local_shard.slots(local)) if local else None
+        return part, {owners: tuple(blocks) for owners, blocks in groups.items()}
+
+    def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: tuple[int, ...]) -> Decision:
         if mode == Mode.ROUTE:
             return Decision.ROUTE
         if mode == Mode.FETCH:
@@ -236,9 +262,8 @@ class Router:
         return merge(results) if results else empty_part(q_nope.shape[0], q_nope.shape[1], self.params.kv_lora_rank)
 
     def _local(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart) -> Part:
-        shard = self.local_shard
-        slots = shard.slots(part.block_ids)
-        return partial_attention(q_nope, q_pe, shard.layers[layer], slots, self.params.scale, self.params.kv_lora_rank)
+        rows = self.local_shard.layers[layer]
+        return partial_attention(q_nope, q_pe, rows, part.slots, self.params.scale, self.params.kv_lora_rank)
 
     def _attend_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor) -> Part:
         slots = torch.arange(rows.shape[0])
@@ -309,7 +334,7 @@ class Router:
                 return self._attend_rows(q_nope, q_pe, rows)
         for owner in owners:
             try:
-                rows = self.read_rows(layer, part.block_ids, owner)
+                rows = self.read_rows(layer, part.block_ids, owner, part=part)
             except (TransportError, ConnectionError, ConfigError) as exc:
                 self._failed(owner, exc, reading=True)
                 tried.append(f"fetch from {owner!r}: {exc}")
@@ -324,12 +349,17 @@ class Router:
             + "; ".join(tried)
         )
 
-    def read_rows(self, layer: int, block_ids: tuple[int, ...], owner: str) -> torch.Tensor:
-        """One-sided read of ``block_ids``' latent rows of ``layer`` from ``owner``: ``[num_tokens, width]``."""
+    def read_rows(self, layer: int, block_ids: tuple[int, ...], owner: str, *,
+                  part: OwnerPart | None = None) -> torch.Tensor:
+        """One-sided read of ``block_ids``' latent rows of ``layer`` from ``owner``: ``[num_tokens, width]``
+        (the ranges kept on ``part``, the plan's part of these blocks, when given)."""
         peer = self.peers.get(owner)
         if peer is None or not peer.can_read:
             raise _Unreachable(f"owner {owner!r} is not connected or recently failed")
-        ranges = byte_ranges(peer.block_rows, block_ids, self.row_bytes)
+        if part is not None:
+            ranges = part.read_ranges(peer, self.row_bytes)
+        else:
+            ranges = byte_ranges(peer.block_rows, block_ids, self.row_bytes)
         total = sum(length for _, length in ranges)
         out = np.empty(total, dtype=np.uint8)
         start = time.perf_counter()

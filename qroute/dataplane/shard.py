@@ -12,7 +12,7 @@ registers with a transport (``regions()``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from qroute.core.placement import CorpusDirectory
 from qroute.errors import ConfigError, CorpusError
 
 BlockRows = dict[int, tuple[int, int]]  # block id -> (first row in the shard, number of tokens)
+SLOTS_KEPT = 256  # block lists whose rows a shard keeps (``CorpusShard.slots``)
 
 
 def block_range(directory: CorpusDirectory, block_id: int) -> tuple[int, int]:
@@ -85,6 +86,8 @@ class CorpusShard:
     layers: list[torch.Tensor]  # per layer [num_rows, width], contiguous
     block_rows: BlockRows
 
+    _slots_kept: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
     def __post_init__(self) -> None:
         num_rows = sum(count for _, count in self.block_rows.values())
         for layer, rows in enumerate(self.layers):
@@ -105,10 +108,23 @@ class CorpusShard:
         return compat_for(model_fingerprint, self.directory, self.width, self.layers[0].dtype)
 
     def holds(self, block_ids: Sequence[int]) -> bool:
+        if isinstance(block_ids, tuple) and block_ids in self._slots_kept:
+            return True
         return all(b in self.block_rows for b in block_ids)
 
     def slots(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Rows of ``block_ids`` in order, int64 ``[num_tokens]``."""
+        """Rows of ``block_ids`` in order, int64 ``[num_tokens]``. Kept for tuples of ids: an owner is asked for
+        the same few block lists by every requester, every layer and every step."""
+        if not isinstance(block_ids, tuple):
+            return self._slots(block_ids)
+        slots = self._slots_kept.get(block_ids)
+        if slots is None:
+            if len(self._slots_kept) >= SLOTS_KEPT:
+                self._slots_kept.clear()
+            slots = self._slots_kept[block_ids] = self._slots(block_ids)
+        return slots
+
+    def _slots(self, block_ids: Sequence[int]) -> torch.Tensor:
         try:
             pairs = [self.block_rows[b] for b in block_ids]
         except KeyError as exc:

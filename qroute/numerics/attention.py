@@ -126,6 +126,8 @@ def partial_attention(
             raise ConfigError(f"slots must lie in [0, {cache.shape[0]}), got range [{low}, {high}]")
     else:
         return empty_part(num_tokens, num_heads, kv_lora_rank, q_nope.device)
+    # One ascending run of rows (a whole shard, a local part, a fetched buffer) is read in place, not gathered.
+    in_place = high - low + 1 == num_keys and (num_keys == 1 or bool((slots.diff() == 1).all()))
 
     device = q_nope.device
     masked = q_positions is not None
@@ -135,7 +137,7 @@ def partial_attention(
         # keys are whole rows [c | k_pe] and the values the same rows (it wants equal head sizes): the output's
         # first kv_lora_rank columns are the latent result. Its LSE is natural log, like ours.
         q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).view(1, 1, num_tokens * num_heads, -1)
-        rows = cache.index_select(0, slots).float()[None, None]
+        rows = (cache[low:high + 1] if in_place else cache.index_select(0, slots)).float()[None, None]
         out, lse = _FLASH_CPU(q, rows, rows, scale=scale)[:2]
         return out.view(num_tokens, num_heads, -1)[..., :kv_lora_rank].contiguous(), lse.view(num_tokens, num_heads)
     # One [T*H, R+P] query block against whole rows: a single matmul gives q_nope.c + q_pe.k_pe, scaled
@@ -147,8 +149,12 @@ def partial_attention(
     parts = []
     for start in range(0, num_keys, step):
         stop = min(num_keys, start + step)
-        chunk = slots if stop - start == num_keys else slots[start:stop]
-        rows = cache.index_select(0, chunk.to(cache.device)).to(device=device, dtype=torch.float32)
+        if in_place:
+            rows = cache[low + start:low + stop]
+        else:
+            chunk = slots if stop - start == num_keys else slots[start:stop]
+            rows = cache.index_select(0, chunk.to(cache.device))
+        rows = rows.to(device=device, dtype=torch.float32)
         scores = (q @ rows.T).view(num_tokens, num_heads, -1)
         if masked:
             visible = kv_positions[start:stop][None, :] <= q_positions[:, None]

@@ -263,6 +263,15 @@ class PositionShift:
         shift.from_cos_sin, shift.to_cos_sin, shift.interleaved = from_cos_sin, to_cos_sin, interleaved
         return shift
 
+    @classmethod
+    def cat(cls, shifts: list[PositionShift]) -> PositionShift:
+        """One shift for the rows of ``shifts`` stacked in order (every request of a step moved at once)."""
+        if len({s.interleaved for s in shifts}) != 1:
+            raise ConfigError("PositionShift.cat: the shifts disagree on the rope layout (interleaved)")
+        tables = [tuple(torch.cat([getattr(s, side)[k] for s in shifts]) for k in (0, 1))
+                  for side in ("from_cos_sin", "to_cos_sin")]  # fmt: skip
+        return cls._of(tables[0], tables[1], shifts[0].interleaved)
+
     def __len__(self) -> int:
         return self.from_cos_sin[0].shape[0]
 

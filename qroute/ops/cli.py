@@ -135,6 +135,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.ops.calibrate",
         "qroute.bench.transport",
         "qroute.bench.owner",
+        "qroute.bench.decode",
         "qroute.bench.ab",
         "qroute.ops.cluster_cli",
         "qroute.ops.check",

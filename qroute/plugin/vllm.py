@@ -73,9 +73,10 @@ CPU_BACKEND_PATH = "qroute.plugin.vllm_backend.QRouteCPUMLABackend"
 
 
 class CorpusAttention(Protocol):
-    """What the attention backend calls per layer and request (the connector's worker side)."""
+    """What the attention backend calls once per layer for the whole step (the connector's worker side):
+    ``own`` (every row's own part, ``[T, H, R]`` / ``[T, H]`` float32) merged with each row's corpus part."""
 
-    def attend_corpus(self, layer: int, start: int, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part: ...
+    def attend_step(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part: ...
 
 
 class CorpusAttentionProvider(abc.ABC):

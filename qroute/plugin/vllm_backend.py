@@ -8,11 +8,13 @@ metadata builder; ``get_name()`` stays ``"CPU_MLA"``. Only an instance whose ``-
 
 Where qroute is configured, **every** query row (prefill and decode) is absorbed and goes to
 ``forward_mqa`` (builder: ``query_len_support = VARLEN``, ``reorder_batch_threshold = 1 << 30``,
-docs/vllm-internals.md (a)), which per request merges exactly (in ``Router.run``):
+docs/vllm-internals.md (a)), which merges exactly, per row:
 
 - the own part: causal absorbed attention over the request's own tokens in the paged cache (row ``j`` of
-  a request with ``qlen`` rows and ``seq_len`` tokens sees own positions ``<= seq_len - qlen + j``);
-- the corpus part from the connector's worker side (``attend_corpus``: local / fetch / route per owner).
+  a request with ``qlen`` rows and ``seq_len`` tokens sees own positions ``<= seq_len - qlen + j``); where
+  each request's rows and own tokens sit is planned once per step (``own_rows``), not per layer;
+- the corpus part from the connector's worker side, one call per layer for every request of the step
+  (``attend_step``: the requests that attend to the same blocks share one message per owner).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class QRouteDecodeMetadata(MLACommonDecodeMetadata):
 
     query_start_loc: torch.Tensor | None = None
     max_query_len: int = 1
+    own_rows: tuple[OwnRows, ...] | None = None  # planned on the step's first layer (``own_rows``)
 
 
 class QRouteMLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
@@ -70,26 +73,46 @@ class QRouteMLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
         )
 
 
-def own_part(
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_len: int,
-    scale: float,
-) -> Part:
-    """Causal attention of one request's ``n`` rows over its own ``seq_len`` tokens in the paged cache.
+@dataclass(frozen=True)
+class OwnRows:
+    """Where one request's rows and own tokens are this step: the same for every layer (planned once per step).
 
-    ``kv_cache [num_blocks, block_size, R + P]``; ``block_table [max_blocks]`` (the request's row). The rows
-    are the last ``n`` tokens: row ``j`` sits at own position ``seq_len - n + j``.
-    """
-    block_size = kv_cache.shape[1]
-    positions = torch.arange(seq_len)
-    slots = block_table.to("cpu", torch.int64)[positions // block_size] * block_size + positions % block_size
-    n = q_nope.shape[0]
+    Rows ``[start, stop)`` are the request's last ``stop - start`` own tokens; row ``j`` sits at own position
+    ``seq_len - n + j`` and sees own positions up to its own. ``slots``: the paged-cache rows of its ``seq_len``
+    own tokens. A single row sees every own token, so it needs no mask (and gets the fused kernel)."""
+
+    start: int
+    stop: int
+    slots: torch.Tensor
+    q_positions: torch.Tensor | None
+    kv_positions: torch.Tensor | None
+
+
+def own_rows(decode: QRouteDecodeMetadata, block_size: int) -> tuple[OwnRows, ...]:
+    """Every request's ``OwnRows`` of this step, computed on the first layer and kept on the step's metadata."""
+    if decode.own_rows is None:
+        starts = decode.query_start_loc.tolist()
+        seq_lens = decode.seq_lens.tolist()
+        tables = decode.block_table.to("cpu", torch.int64)
+        planned = []
+        for r, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+            if b <= a:
+                continue
+            positions = torch.arange(seq_lens[r])
+            slots = tables[r][positions // block_size] * block_size + positions % block_size
+            causal = b - a > 1
+            q_positions = torch.arange(seq_lens[r] - (b - a), seq_lens[r]) if causal else None
+            planned.append(OwnRows(a, b, slots, q_positions, positions if causal else None))
+        decode.own_rows = tuple(planned)
+    return decode.own_rows
+
+
+def own_part(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, rows: OwnRows, scale: float) -> Part:
+    """Causal attention of one request's rows over its own tokens in the paged cache
+    ``kv_cache [num_blocks, block_size, R + P]``: ``(out [n, H, R], lse [n, H])`` float32."""
     return partial_attention(
-        q_nope, q_pe, kv_cache, slots.to(kv_cache.device), scale, q_nope.shape[-1],
-        q_positions=torch.arange(seq_len - n, seq_len), kv_positions=positions,
+        q_nope, q_pe, kv_cache, rows.slots.to(kv_cache.device), scale, q_nope.shape[-1],
+        q_positions=rows.q_positions, kv_positions=rows.kv_positions,
     )  # fmt: skip
 
 
@@ -133,22 +156,15 @@ class QRouteCPUMLAImpl(CPUMLAImpl):
             raise ConfigError("qroute's attention impl got stock MLA metadata: the QRouteMLAMetadataBuilder is "
                               "not in use (was get_builder_cls() called outside the instance's vLLM config?)")
         num_tokens, num_heads, _ = q_nope.shape
-        out = torch.empty(num_tokens, num_heads, self.kv_lora_rank, dtype=q_nope.dtype, device=q_nope.device)
+        out = torch.empty(num_tokens, num_heads, self.kv_lora_rank, dtype=torch.float32, device=q_nope.device)
         lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q_nope.device)
+        for rows in own_rows(decode, kv_c_and_k_pe_cache.shape[1]):
+            a, b = rows.start, rows.stop
+            out[a:b], lse[a:b] = own_part(q_nope[a:b], q_pe[a:b], kv_c_and_k_pe_cache, rows, self.scale)
         corpus = _corpus_attention()
-        layer_idx = self._layer(layer) if corpus is not None else -1
-        starts = decode.query_start_loc.tolist()
-        seq_lens = decode.seq_lens.tolist()
-        for r, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
-            if b <= a:
-                continue
-            part = own_part(q_nope[a:b], q_pe[a:b], kv_c_and_k_pe_cache, decode.block_table[r], seq_lens[r],
-                            self.scale)  # fmt: skip
-            if corpus is not None:
-                part = corpus.attend_corpus(layer_idx, a, q_nope[a:b], q_pe[a:b], part)
-            out[a:b] = part[0].to(out.dtype)
-            lse[a:b] = part[1]
-        return out, lse
+        if corpus is not None:  # every request's corpus part, merged into its rows (one call for the whole step)
+            out, lse = corpus.attend_step(self._layer(layer), q_nope, q_pe, (out, lse))
+        return out.to(q_nope.dtype), lse
 
 
 class QRouteCPUMLABackend(CPUMLABackend):

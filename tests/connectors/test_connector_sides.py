@@ -98,7 +98,7 @@ def test_last_step_counts_complete_the_finished_response(sides):
     side.update_connector_output(sides.meta.QRouteWorkerMeta(counts={"r": [0, 2, 2, 100]}))
     params = side.request_finished(_request("r", [1, 2]))
     assert params["qroute"] == {"corpus": "repo", "mode": "fetch", "route": 0, "fetch": 2, "local": 2,
-                                "bytes_moved": 100}  # fmt: skip
+                                "bytes_moved": 100, "shared": 0}  # fmt: skip
     side.update_connector_output(sides.meta.QRouteWorkerMeta(counts={"r": [0, 2, 2, 50]}, stored={}))
     assert params["qroute"]["fetch"] == 4 and params["qroute"]["bytes_moved"] == 150  # same dict, completed
     assert side.request_finished(_request("r", [])) is None  # exactly once

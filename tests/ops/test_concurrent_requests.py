@@ -1,10 +1,11 @@
 """Many agents at once, end to end through the official ``openai`` client: four different questions in flight at
 once over three qroute instances (so several requests share each engine step), through completions and chat,
 streaming and not, and with ``max_tokens=1``, each equal to one stock instance holding corpus + question (tokens,
-and logprobs within ``check.TOLERANCE``); a ``"corpus": null`` request in the same batch equals a plain instance
-without the corpus. The cluster runs with replicas, corpus prefills split over steps and preemptions (see
-``REPLICAS``). And a corpus prefill that an instance does not store is an error of the launcher, never a silently
-missing chunk. One reference instance, then three qroute instances."""
+and logprobs within ``check.TOLERANCE``), the requests of a step sharing their owner messages; a ``"corpus": null``
+request in the same batch equals a plain instance without the corpus. The cluster runs with replicas, corpus
+prefills split over steps and preemptions (see ``REPLICAS``). And a corpus prefill that an instance does not store
+is an error of the launcher, never a silently missing chunk. One reference instance, then three qroute
+instances."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _extra(kv: dict | None = ON_CORPUS) -> dict:
 
 
 Answer = tuple[list[int], list[float]]  # greedy token ids and their logprobs
+REPORTS: list[dict] = []  # what qroute reported for each non-streamed completion on the corpus
 
 
 def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON_CORPUS,
@@ -62,6 +64,7 @@ def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON
         if kv is ON_CORPUS:  # qroute reports what it did: a local part on every instance, no error
             qroute = ((reply.model_extra or {}).get("kv_transfer_params") or {}).get("qroute")
             assert qroute and "error" not in qroute and qroute["local"] > 0, qroute
+            REPORTS.append(qroute)
         logprobs = reply.choices[0].logprobs
         return _ids(logprobs.tokens), list(logprobs.token_logprobs)
     tokens: list[str] = []
@@ -159,6 +162,8 @@ def test_many_questions_at_once_through_every_endpoint_equal_the_reference(clust
         worst = max(abs(a - b) for a, b in zip(logprobs, expected_logprobs, strict=True))
         assert worst <= TOLERANCE, (q, kind, worst)
     assert without[0] != want[0][0]  # the corpus changes the answer: the comparison can tell
+    # requests in one engine step shared their owner messages (one per owner and layer for all of them)
+    assert sum(report["shared"] for report in REPORTS) > 0, REPORTS
     preempted = sum(_metric(info.url, "vllm:num_preemptions_total") for info in cluster.instances)
     assert preempted > 0, "the paged cache was large enough for every request: no preemption was exercised"
 

@@ -96,26 +96,34 @@ def test_own_part_matches_dense_causal_attention(backend, dtype, monkeypatch):
     torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=0)
 
 
-def test_corpus_part_is_merged_per_request(backend, monkeypatch):
+def test_corpus_part_is_merged_once_per_layer_for_the_whole_step(backend, monkeypatch):
     cache, meta, q_nope, q_pe = _batch(backend, torch.float32, seed=1)
     corpus_rows = torch.randn(50, RANK + ROPE, generator=torch.Generator().manual_seed(2))
     attends = {1, 2}  # request 0 has no corpus this step
-    starts = {int(meta.query_start_loc[r]): r for r in range(len(REQUESTS))}
+    bounds = meta.query_start_loc.tolist()
     calls = []
 
     class FakeWorker:
-        def attend_corpus(self, layer, start, qn, qp, own):  # as QRouteWorkerSide: own merged with its corpus
-            calls.append((layer, start, qn.shape[0]))
-            if starts[start] not in attends:
-                return own
-            return merge([own, partial_attention(qn, qp, corpus_rows, torch.arange(50), SCALE, RANK)])
+        def attend_step(self, layer, qn, qp, own):  # as QRouteWorkerSide: own merged with each row's corpus part
+            calls.append((layer, qn.shape[0]))
+            out, lse = own
+            for r in attends:
+                rows = slice(bounds[r], bounds[r + 1])
+                corpus = partial_attention(qn[rows], qp[rows], corpus_rows, torch.arange(50), SCALE, RANK)
+                out[rows], lse[rows] = merge([(out[rows], lse[rows]), corpus])
+            return out, lse
 
     monkeypatch.setattr(backend, "_corpus_attention", FakeWorker)
-    out, lse = _impl(backend).forward_mqa((q_nope, q_pe), cache, meta, LAYER)
-    want_out, want_lse = _dense(cache, meta, q_nope, q_pe, corpus=(corpus_rows, attends))
-    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=0)
-    assert calls == [(1, 0, 5), (1, 5, 1), (1, 6, 17)]  # layer index from the layer name, once per request
+    impl = _impl(backend)
+    for _ in range(2):  # two layers of one step: the own rows are planned on the first, reused by the second
+        out, lse = impl.forward_mqa((q_nope, q_pe), cache, meta, LAYER)
+        want_out, want_lse = _dense(cache, meta, q_nope, q_pe, corpus=(corpus_rows, attends))
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=0)
+    planned = meta.decode.own_rows
+    assert [(rows.start, rows.stop) for rows in planned] == [(0, 5), (5, 6), (6, 23)]
+    assert planned[1].q_positions is None  # the single decode row needs no mask
+    assert calls == [(1, 23), (1, 23)]  # layer index from the layer name, one call per layer for all requests
 
 
 def test_stock_metadata_is_refused(backend, monkeypatch):

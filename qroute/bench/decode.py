@@ -1,0 +1,149 @@
+"""``qroute bench decode``: steady-state decode TPOT, qroute against stock vLLM, at 1, 4 and 8 requests at once.
+
+Three set-ups over the same corpus and question (so the same context length), through the same streaming client:
+
+- ``stock``: one plain vLLM instance, the corpus as a prompt prefix of every request;
+- ``local``: one qroute instance holding the whole corpus (the prompt is the question alone);
+- ``route``: the corpus sharded over two qroute instances, the requests on the first one in mode ``route``.
+
+``N`` requests start together and stream ``MAX_TOKENS`` tokens each. Only the steady state counts: the gaps
+between consecutive tokens that both arrive after the last request's first token and before the first request's
+last token, so that every request is decoding (no prefill on either side) and ``N`` are in flight. TPOT is their
+mean; each figure is the median over ``repeats``. The set-ups run one after another in one run (a 2-core machine
+cannot host them side by side without each slowing the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+
+CONCURRENCY = (1, 4, 8)
+MAX_TOKENS = 48
+TARGETS = {"local": 1.05, "route": 1.2}  # qroute TPOT / stock TPOT, at every concurrency
+QUESTION = "Which function opens a connection, and what does it return?"
+ON_CORPUS = {"qroute": {"corpus": "corpus"}}
+
+
+def _stream_stamps(url: str, prompt: list[int], params: dict | None, stamps: list[float]) -> None:
+    """Arrival times of a streamed greedy completion's tokens, appended to ``stamps``."""
+    from openai import OpenAI
+
+    extra: dict[str, Any] = {"min_tokens": MAX_TOKENS, "ignore_eos": True}
+    if params:
+        extra["kv_transfer_params"] = params
+    client = OpenAI(base_url=url, api_key="qroute-bench")
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                       stream=True, extra_body=extra)  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text is not None:
+            stamps.append(time.perf_counter())
+
+
+def steady_gaps(runs: list[list[float]]) -> list[float]:
+    """Inter-token gaps while every request decodes: both ends after the last first token and before the first
+    last token."""
+    begin = max(stamps[0] for stamps in runs)
+    end = min(stamps[-1] for stamps in runs)
+    return [b - a for stamps in runs for a, b in zip(stamps, stamps[1:], strict=False) if a >= begin and b <= end]
+
+
+def _tpot_ms(url: str, prompt: list[int], params: dict | None, concurrency: int) -> float:
+    runs: list[list[float]] = [[] for _ in range(concurrency)]
+    threads = [threading.Thread(target=_stream_stamps, args=(url, prompt, params, runs[k]))
+               for k in range(concurrency)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if any(len(stamps) < 2 for stamps in runs):
+        raise RuntimeError(f"a request streamed {min(len(s) for s in runs)} tokens; expected {MAX_TOKENS}")
+    gaps = steady_gaps(runs)
+    if len(gaps) < concurrency * 4:
+        raise RuntimeError(f"only {len(gaps)} steady-state gaps at concurrency {concurrency}: raise MAX_TOKENS")
+    return statistics.mean(gaps) * 1e3
+
+
+def _measure(url: str, prompt: list[int], params: dict | None, repeats: int, log) -> dict[str, float]:
+    _tpot_ms(url, prompt, params, 1)  # warm-up
+    figures = {}
+    for c in CONCURRENCY:
+        figures[str(c)] = statistics.median(_tpot_ms(url, prompt, params, c) for _ in range(repeats))
+        log(f"  {c} at once: TPOT {figures[str(c)]:.2f} ms")
+    return figures
+
+
+def run_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int = 8650, transport: str = "tcp",
+              log=print) -> dict[str, Any]:
+    from qroute.core.corpus import place_model_corpus
+    from qroute.ops.demo_core import question_ids
+
+    token_ids, _ = place_model_corpus(model_dir, corpus, name="corpus", instances=["i0"])
+    corpus_ids = token_ids.tolist()
+    prompt = question_ids(model_dir, QUESTION)
+    max_len = max(2048, 1 << (len(corpus_ids) + len(prompt) + MAX_TOKENS).bit_length())
+    setups = {
+        "stock": (ClusterSpec(model_dir=model_dir, corpus_dir=None, num_instances=1, base_port=base_port,
+                              max_model_len=max_len), corpus_ids + prompt, None),
+        "local": (ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=1, base_port=base_port,
+                              transport=transport), prompt, ON_CORPUS),
+        "route": (ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=2, base_port=base_port,
+                              mode="route", transport=transport), prompt, ON_CORPUS),
+    }  # fmt: skip
+    tpot: dict[str, dict[str, float]] = {}
+    for name, (spec, request_prompt, params) in setups.items():
+        log(f"bench decode: {name} ({spec.num_instances} instance(s))")
+        state = start_cluster(spec, log=lambda *_: None)
+        try:
+            tpot[name] = _measure(state.instances[0].url, request_prompt, params, repeats, log)
+        finally:
+            stop_cluster(state)
+    ratio = {side: {c: tpot[side][c] / tpot["stock"][c] for c in tpot["stock"]} for side in TARGETS}
+    return {
+        "corpus_tokens": len(corpus_ids), "question_tokens": len(prompt), "max_tokens": MAX_TOKENS,
+        "repeats": repeats, "transport": transport, "tpot_ms": tpot, "tpot_ratio": ratio, "targets": TARGETS,
+    }  # fmt: skip
+
+
+def _print(r: dict[str, Any], out=None) -> None:
+    out = out or sys.stdout
+    print(f"steady-state decode TPOT (ms), corpus {r['corpus_tokens']} tokens + question {r['question_tokens']}, "
+          f"{r['max_tokens']} tokens per request, medians of {r['repeats']}, {r['transport']}", file=out)  # fmt: skip
+    print(f"  {'at once':>7s} {'stock':>8s} {'local':>8s} {'route':>8s} {'local/stock':>12s} {'route/stock':>12s}",
+          file=out)  # fmt: skip
+    for c in r["tpot_ms"]["stock"]:
+        t, q = r["tpot_ms"], r["tpot_ratio"]
+        print(f"  {c:>7s} {t['stock'][c]:8.2f} {t['local'][c]:8.2f} {t['route'][c]:8.2f} {q['local'][c]:11.3f}x "
+              f"{q['route'][c]:11.3f}x", file=out)  # fmt: skip
+    print(f"  targets: local <= {r['targets']['local']}x, route <= {r['targets']['route']}x", file=out)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from qroute.bench import emit
+    from qroute.ops.cluster_cli import model_dir_or_tiny
+    from qroute.ops.demo_core import default_corpus
+
+    corpus = Path(args.corpus).resolve() if args.corpus else default_corpus()
+    report = run_bench(model_dir_or_tiny(args.model_dir), corpus, repeats=args.repeats, base_port=args.base_port,
+                       transport=args.transport, log=(lambda *_: None) if args.json else print)  # fmt: skip
+    return emit(report, args.json, _print)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    from qroute.bench import bench_group
+
+    parser = bench_group(sub).add_parser("decode", help="steady-state decode TPOT, qroute against stock vLLM")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--corpus", help="corpus directory (default: the demo's corpus)")
+    parser.add_argument("--model-dir")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--base-port", type=int, default=8650)
+    parser.add_argument("--transport", choices=("tcp", "nixl"), default="tcp")
+    parser.set_defaults(handler=_cmd)

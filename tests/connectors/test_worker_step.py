@@ -1,0 +1,176 @@
+"""The worker side's step: requests that attend to the same blocks share one route message per owner and layer,
+planned once per step; each row equals the single-request answer exactly and the dense reference closely.
+
+Two real worker sides ("a" requests, "b" owns the rest) in this process, connected over real TCP sockets; their
+stores hold random latent rows (the numerics, not the model, are under test here; the engine runs are in
+tests/ops). No engine runs: the step's rows are laid out as vLLM's model runner lays them out.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from qroute.numerics.attention import merge, partial_attention
+from qroute.numerics.rope import PositionShift
+
+LAYER_NAME = "model.layers.{}.self_attn.attn"
+# (first slot, own positions already computed, rows this step, mode); None: a row without a corpus step
+REQUESTS = [(100, 0, 3, "route"), (200, 7, 1, "fetch"), None, (400, 2, 1, "route")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sides(vllm, tiny_fp32_model, sample_corpus):
+    from qroute.connectors.vllm_worker import QRouteWorkerSide
+    from qroute.core.config import QRouteConfig, load_directory
+
+    instances = {name: f"127.0.0.1:{_free_port()}" for name in ("a", "b")}
+    built = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QROUTE_SECRET", "worker-step-test")
+        for name in instances:
+            config = QRouteConfig.from_extra_config({
+                "instance_id": name, "instances": instances, "secret_env": "QROUTE_SECRET",
+                "corpus": {"name": "repo", "path": str(sample_corpus), "blocks_per_chunk": 1},
+            })  # fmt: skip
+            _, directory = load_directory(config, tiny_fp32_model)
+            side = QRouteWorkerSide(config, directory, str(tiny_fp32_model), torch.float32)
+            caches = {LAYER_NAME.format(i): torch.zeros(8, directory.block_size, side.width)
+                      for i in range(side.geometry.num_layers)}  # fmt: skip
+            side.register_kv_caches(caches)
+            g = torch.Generator().manual_seed(ord(name))
+            for rows in side.shard.layers:
+                rows.copy_(torch.randn(rows.shape, generator=g))
+            side._stored_chunks = {c.chunk_id for c in directory.chunks_of(name)}  # as if prefilled
+            built[name] = side
+        try:
+            yield built
+        finally:
+            for side in built.values():
+                side.close()
+
+
+def _full_corpus(sides, layer: int) -> torch.Tensor:
+    """Every corpus row of ``layer`` at its global position, assembled from both stores."""
+    a = sides["a"]
+    d = a.directory
+    full = torch.full((d.num_tokens, a.width), float("nan"))
+    for side in sides.values():
+        for block, (row, count) in side.shard.block_rows.items():
+            full[block * d.block_size:block * d.block_size + count] = side.shard.layers[layer][row:row + count]
+    assert not full.isnan().any()
+    return full
+
+
+def _step(side, requests):
+    from qroute.connectors.vllm_meta import QRouteStepMeta, RequestStep
+
+    n = side.directory.num_tokens
+    steps, slot_mapping, starts = {}, [], [0]
+    for k, request in enumerate(requests):
+        if request is None:
+            slot_mapping.append(900 + k)
+            starts.append(starts[-1] + 1)
+            continue
+        slot, first_pos, rows, mode = request
+        steps[slot] = RequestStep(f"r{k}", "repo", mode, visible_tokens=n, position_shift=n, first_pos=first_pos)
+        slot_mapping += [slot + i for i in range(rows)]
+        starts.append(starts[-1] + rows)
+    return QRouteStepMeta(steps), torch.tensor(slot_mapping), torch.tensor(starts)
+
+
+def _inputs(side, num_rows: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h, rank, rope = side.geometry.num_heads, side.params.kv_lora_rank, side.width - side.params.kv_lora_rank
+    q_nope, q_pe = torch.randn(num_rows, h, rank, generator=g), torch.randn(num_rows, h, rope, generator=g)
+    own = (torch.randn(num_rows, h, rank, generator=g), torch.randn(num_rows, h, generator=g))
+    return q_nope, q_pe, own
+
+
+def _attend(side, requests, q_nope, q_pe, own):
+    """Every layer of one step: ``{layer: (out, lse)}`` and the step's per-request report."""
+    side.start_step(*_step(side, requests))
+    results = {}
+    for layer in range(side.geometry.num_layers):
+        own_copy = (own[0].clone(), own[1].clone())
+        results[layer] = side.attend_step(layer, q_nope, q_pe, own_copy)
+    side.end_step()
+    return results, side.take_report()
+
+
+def test_requests_of_a_step_share_one_route_per_owner_and_layer(sides, monkeypatch):
+    a, b = sides["a"], sides["b"]
+    assert a.directory.chunks_of("a") and a.directory.chunks_of("b")  # both hold part of the corpus
+    num_rows = sum(1 if r is None else r[2] for r in REQUESTS)
+    q_nope, q_pe, own = _inputs(a, num_rows, seed=7)
+    plans = []
+    real_plan = a.router.plan
+    monkeypatch.setattr(a.router, "plan", lambda *args, **kw: plans.append(args) or real_plan(*args, **kw))
+    routes_before = b.links.service.stats.snapshot()["routes"]
+    moved_before = a.router.stats.snapshot()["bytes_moved"]
+    batched, report = _attend(a, REQUESTS, q_nope, q_pe, own)
+    moved = a.router.stats.snapshot()["bytes_moved"] - moved_before
+    num_layers = a.geometry.num_layers
+
+    # planned once per step per group (route: r0 + r3, fetch: r1), for all its rows; one route message per layer
+    assert sorted(args[0] for args in plans) == [1, 4]
+    assert b.links.service.stats.snapshot()["routes"] - routes_before == num_layers
+    counts = {req_id: dict(zip(("route", "fetch", "local", "bytes_moved", "shared"), row, strict=True))
+              for req_id, row in report.counts.items()}  # fmt: skip
+    for req_id in ("r0", "r3"):  # each counts the shared route and local part as its own
+        assert counts[req_id]["route"] == counts[req_id]["local"] == num_layers
+        assert counts[req_id]["fetch"] == 0 and counts[req_id]["shared"] == 2 * num_layers
+    assert counts["r1"]["fetch"] == counts["r1"]["local"] == num_layers and counts["r1"]["shared"] == 0
+    assert sum(c["bytes_moved"] for c in counts.values()) == moved  # every byte is someone's
+    share = counts["r0"]["bytes_moved"] / (counts["r0"]["bytes_moved"] + counts["r3"]["bytes_moved"])
+    assert abs(share - 3 / 4) < 1e-3  # the route's bytes split by rows (3 and 1)
+    assert "r2" not in counts
+
+    # every row equals that request's step alone, bit for bit, and the dense reference
+    n = a.directory.num_tokens
+    row = 0
+    for k, request in enumerate(REQUESTS):
+        if request is None:  # no corpus: the own part, untouched
+            for layer in batched:
+                assert torch.equal(batched[layer][0][row], own[0][row])
+            row += 1
+            continue
+        _, first_pos, rows, _ = request
+        span = slice(row, row + rows)
+        alone, _ = _attend(a, [request], q_nope[span], q_pe[span], (own[0][span], own[1][span]))
+        positions = torch.arange(first_pos, first_pos + rows)
+        shift = PositionShift(positions, positions + n, a.params.inv_freq, interleaved=True)
+        for layer, (out, lse) in batched.items():
+            assert torch.equal(out[span], alone[layer][0]) and torch.equal(lse[span], alone[layer][1]), (k, layer)
+            corpus = partial_attention(q_nope[span], shift(q_pe[span]), _full_corpus(sides, layer), torch.arange(n),
+                                       a.params.scale, a.params.kv_lora_rank)  # fmt: skip
+            want_out, want_lse = merge([(own[0][span], own[1][span]), corpus])
+            torch.testing.assert_close(out[span], want_out, atol=1e-5, rtol=0)
+            torch.testing.assert_close(lse[span], want_lse, atol=1e-5, rtol=0)
+        row += rows
+
+
+def test_the_plan_is_reused_across_layers(sides, monkeypatch):
+    """No layer walks block ids: the local rows and the READ ranges are prepared when the step is planned."""
+    from qroute.dataplane import router as router_module
+
+    a = sides["a"]
+    q_nope, q_pe, own = _inputs(a, 5, seed=8)
+    a.start_step(*_step(a, [(100, 0, 3, "route"), (200, 7, 1, "fetch"), (400, 2, 1, "route")]))
+    walks = []
+    monkeypatch.setattr(a.shard, "slots", lambda ids: walks.append(("slots", ids)))
+    real_ranges = router_module.byte_ranges
+    monkeypatch.setattr(router_module, "byte_ranges", lambda *args: walks.append("ranges") or real_ranges(*args))
+    for layer in range(a.geometry.num_layers):
+        a.attend_step(layer, q_nope, q_pe, (own[0].clone(), own[1].clone()))
+    a.end_step()
+    assert walks == ["ranges"]  # the fetch part's ranges, on its first layer; never the local rows
+    assert "error" not in str(a.take_report().errors)
