@@ -15,9 +15,11 @@ of the requester's reply buffer (S = ``slot_bytes``, the smaller of both sides')
          it out, runs the handler, WRITEs the reply into the requester's reply slot with notif ``R`` and a
          ``ReplyStatus`` (OK; HANDLER_ERROR or REFUSED: the slot holds the message). Empty payloads travel as
          a bare notif. Writes up to 16 KiB round up to a power of two so their handles are prepared once.
-  big    a request over ``slot_bytes`` (or with every slot busy) goes over the control channel as a TCP call;
-         a reply over the slot comes back as a TCP frame, announced by ``R`` with VIA_CONTROL. Nothing below
-         ``max_request_bytes`` is refused for its size: large payloads run at TCP speed.
+  big    a request over ``slot_bytes`` takes as many adjacent slots as it needs (``length`` says how many) and its
+         reply may use the same slots. Only a request bigger than the whole inbox, or one that finds no run of
+         free slots, goes over the control channel as a TCP call (counted: ``NixlConnection.control_calls``; the
+         first too big for the inbox logs a WARNING); a reply over its slots comes back as a TCP frame, announced
+         by ``R`` with VIA_CONTROL. Nothing below ``max_request_bytes`` is refused for its size.
   read   one-sided READ of the region into ``out``: through a registered staging buffer up to
          ``staging_bytes``, else ``out`` is registered for the call. The owner's CPU is not involved.
   ping   notif ``P``, answered by the owner's poll thread with ``p``: ``NixlConnection.raw_notif_rtt``.
@@ -65,8 +67,9 @@ from qroute.transport.tcp import TcpConnection, tcp_connect
 
 class NixlTransport(Transport):
     """Options (all keyword):
-    ``slot_bytes``, ``num_slots``  per-connection inbox geometry (1 MiB x 8); larger payloads use the control
-        channel. An owner grants ``min(its slot_bytes, the requester's)`` and at most ``max_slots`` slots.
+    ``slot_bytes``, ``num_slots``  per-connection inbox geometry (1 MiB x 8); a payload over one slot takes
+        adjacent slots, one over the whole inbox the control channel. An owner grants ``min(its slot_bytes, the
+        requester's)`` and at most ``max_slots`` slots.
     ``staging_bytes``  reads up to this size go through a registered staging buffer (64 KiB), larger ones
         register ``out`` for the duration of the read.
     ``spin_s``, ``idle_sleep_s``, ``deep_idle_s``  poll back-off (2 ms of sched_yield, then 50 us sleeps; an

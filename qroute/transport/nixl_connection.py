@@ -5,6 +5,7 @@ See ``nixl.py`` for the message protocol (slots, notifications, big messages, re
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -53,12 +54,14 @@ class _Pump(Protocol):
 
     def _forget(self, conn: NixlConnection) -> None: ...
 
+logger = logging.getLogger(__name__)
 _CTRL_CHECK_S = 1e-3  # how often a waiting requester looks for EOF on the control socket
 
 class NixlPending(TcpPending):
-    """A call sent through an inbox slot; completed by the poll of notifications (or the control channel)."""
+    """A call sent through inbox slots ``[slot, slot + span)``; completed by the poll of notifications (or the
+    control channel)."""
 
-    __slots__ = ("owner", "slot")
+    __slots__ = ("owner", "slot", "span")
 
     def wait(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
         deadline = deadline_after(timeout_s)
@@ -88,7 +91,8 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
         self._inbox_addr, self.slot_bytes = int(descriptor["inbox_addr"]), int(descriptor["slot_bytes"])
         self._buffers, self._regs = buffers, regs
         self._stride = transport.slot_bytes
-        self._free = list(range(transport.num_slots))[::-1]
+        self._busy = [False] * transport.num_slots
+        self.control_calls = 0  # calls that took the control channel (bigger than the inbox, or no free slots)
         self._handles: dict[tuple[int, int], XferHandle] = {}
         self._lock = threading.Lock()
         self._ping_seen = 0
@@ -96,6 +100,7 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
         self._last_sent = time.monotonic()
         self._ping_next = 1
         self._closed = False
+        self._warned = False
 
     def call(self, payload: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
         deadline = deadline_after(timeout_s)
@@ -112,43 +117,58 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
     def _post(self, payload: bytes, deadline: float) -> TcpPending:
         n = memoryview(payload).nbytes
         self._ctrl.check_size(n)
+        span = max(1, -(-n // self.slot_bytes))  # a message over one slot takes several adjacent ones
         with self._lock:
             self._check_open()
-            use_control = n > self.slot_bytes or not self._free
-        if use_control:
-            return self._ctrl.send_request(payload, deadline)  # big, or every slot busy
-        with self._lock:
-            self._check_open()
-            if not self._free:
+            slot = self._take(span)
+            if slot is None:
+                self.control_calls += 1
+                if span > len(self._busy) and not self._warned:
+                    self._warned = True
+                    logger.warning("nixl: a %d-byte call is over the %d-byte inbox of %s: it and others like it go "
+                                   "over the control channel (TCP); raise num_slots or slot_bytes", n,
+                                   len(self._busy) * self.slot_bytes, self._ctrl.address)  # fmt: skip
                 return self._ctrl.send_request(payload, deadline)
             pending = self._ctrl.new_pending(cls=NixlPending)
             assert isinstance(pending, NixlPending)
-            pending.via_control, pending.owner, pending.slot = False, self, self._free.pop()
-            notif = NOTIF.pack(CALL, self.sid, pending.req_id, pending.slot, n, 0)
+            pending.via_control, pending.owner, pending.slot, pending.span = False, self, slot, span
+            notif = NOTIF.pack(CALL, self.sid, pending.req_id, slot, n, 0)
             try:
                 self._ring_if_quiet(deadline)
                 if n == 0:
                     self._agent.send_notif(self.peer, notif)
                 else:
-                    self._write_slot(pending.slot, payload, n, notif, deadline)
+                    self._write_slot(slot, payload, n, notif, deadline)
             except TransportError as exc:
-                # the slot stays taken: whether the owner saw it is unknown
+                # the slots stay taken: whether the owner saw it is unknown
                 self._ctrl.fail(exc if isinstance(exc, RemoteDisconnected) else
                                 RemoteDisconnected(f"NIXL send to {self._ctrl.address} failed: {exc}"))
                 raise
         return pending
 
+    def _take(self, span: int) -> int | None:
+        """The first of ``span`` adjacent free slots, now taken; None if there are none. Under ``_lock``."""
+        run = 0
+        for slot, busy in enumerate(self._busy):
+            run = 0 if busy else run + 1
+            if run == span:
+                first = slot - span + 1
+                self._busy[first:slot + 1] = [True] * span
+                return first
+        return None
+
     def _write_slot(self, slot: int, payload: bytes, n: int, notif: bytes, deadline: float) -> None:
         send = self._buffers["send"]
         base = slot * self._stride
         send[base:base + n] = np.frombuffer(payload, np.uint8)
-        size = size_class(n, self.slot_bytes)
+        size = size_class(n, max(n, self.slot_bytes))
+        cached = size <= min(CACHED_CLASS_MAX, self.slot_bytes)  # one-slot size classes only: a bounded set
         handle = self._handles.get((slot, size))
         if handle is None:
             handle = self._agent.xfer(
                 "WRITE", descs([(self._regs["send"].addr + base, size)]),
                 descs([(self._inbox_addr + slot * self.slot_bytes, size)]), self.peer, f"call slot={slot} {size}B")
-            if size <= CACHED_CLASS_MAX:
+            if cached:
                 self._handles[(slot, size)] = handle
         try:
             self._agent.run(handle, notif, deadline)
@@ -156,7 +176,7 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
             self._handles.pop((slot, size), None)
             raise
         finally:
-            if size > CACHED_CLASS_MAX:
+            if not cached:
                 handle.release()
 
     def read(self, region: str, ranges: Sequence[tuple[int, int]], out: Buffer,
@@ -278,19 +298,19 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
             return
         if status == ReplyStatus.VIA_CONTROL:
             pending.via_control = True  # the reply is a frame on the control socket
-            self._release_slot(slot)
+            self._release(slot, pending.span)
             return
         start = slot * self._stride
-        body = self._buffers["reply"][start:start + min(length, self.slot_bytes)].tobytes()
-        self._release_slot(slot)
+        body = self._buffers["reply"][start:start + min(length, pending.span * self.slot_bytes)].tobytes()
+        self._release(slot, pending.span)
         if status == ReplyStatus.OK:
             self._ctrl.finish(pending, result=body)
         else:
             prefix = "owner handler failed" if status == ReplyStatus.HANDLER_ERROR else "owner refused the request"
             self._ctrl.finish(pending, error=TransportError(f"{prefix}: {body.decode('utf-8', 'replace')}"))
 
-    def _release_slot(self, slot: int) -> None:
+    def _release(self, slot: int, span: int) -> None:
         with self._lock:
-            self._free.append(slot)
+            self._busy[slot:slot + span] = [False] * span
 
 

@@ -78,6 +78,7 @@ class _Call:
     conn: _OwnerConn
     req_id: int
     slot: int
+    span: int  # slots the call took (from ``slot``); its reply may use as many
     payload: bytes
 
 
@@ -111,7 +112,8 @@ class NixlServer(Server):
             raise ConfigError("nixl server: start() called twice")
         agent = self._agent = NixlAgent("owner")
         self._region_regs = {name: agent.register(view) for name, view in self._regions.items() if view.nbytes}
-        self._outbox = np.zeros(self._slot_bytes, np.uint8)
+        # As large as any connection's inbox (a reply may span its call's slots); untouched pages cost no memory.
+        self._outbox = np.zeros(self._slot_bytes * self._max_slots, np.uint8)
         self._outbox_reg = agent.register(self._outbox)
         self._running = True
         self._thread = threading.Thread(target=self._poll_loop, name="qroute-nixl-owner", daemon=True)
@@ -224,7 +226,7 @@ class NixlServer(Server):
         for call, (ok, reply) in zip(calls, results, strict=True):
             try:
                 self._reply(call.conn, call.req_id, call.slot, ReplyStatus.OK if ok else ReplyStatus.HANDLER_ERROR,
-                            reply)  # fmt: skip
+                            reply, span=call.span)  # fmt: skip
             except Exception:  # one failed reply must not cost the others theirs
                 self._tcp.counters.add("protocol_errors")
 
@@ -245,21 +247,25 @@ class NixlServer(Server):
         if kind == PING:
             agent.send_notif(peer, NOTIF.pack(PONG, sid, req_id, 0, 0, 0))
             return
-        if kind != CALL or slot >= conn.num_slots:
+        span = max(1, -(-length // conn.slot_bytes))  # a call over one slot fills several adjacent ones
+        if kind != CALL or slot + span > conn.num_slots:
             self._tcp.counters.add("protocol_errors")
             return
-        if length > conn.slot_bytes or length > self.max_request_bytes:
+        if length > self.max_request_bytes:
             self._tcp.counters.add("refused")
             message = f"{length} bytes is over the owner's limit (max_request_bytes={self.max_request_bytes})"
             self._reply(conn, req_id, slot, ReplyStatus.REFUSED, message.encode())
             return
         start = slot * conn.slot_bytes
-        return _Call(conn, req_id, slot, conn.inbox[start:start + length].tobytes())
+        return _Call(conn, req_id, slot, span, conn.inbox[start:start + length].tobytes())
 
-    def _reply(self, conn: _OwnerConn, req_id: int, slot: int, status: ReplyStatus, body: bytes) -> None:
+    def _reply(self, conn: _OwnerConn, req_id: int, slot: int, status: ReplyStatus, body: bytes, *,
+               span: int = 1) -> None:
+        """Write a reply into the requester's reply slots ``[slot, slot + span)``; longer ones (rare: a route's
+        reply is smaller than its request) go over the control channel, announced by a VIA_CONTROL notif."""
         agent = self._agent
         assert agent is not None
-        limit = min(conn.slot_bytes, self._outbox.nbytes)
+        limit = min(span * conn.slot_bytes, self._outbox.nbytes)
         if len(body) > limit:
             if status is ReplyStatus.OK:
                 try:
@@ -279,17 +285,18 @@ class NixlServer(Server):
                 return
             self._outbox[:n] = np.frombuffer(body, np.uint8)
             size = size_class(n, limit)
+            cached = size <= min(CACHED_CLASS_MAX, conn.slot_bytes)  # one-slot size classes only: a bounded set
             handle = conn.handles.get((slot, size))
             if handle is None:
                 dst = conn.reply_addr + slot * conn.reply_stride
                 handle = agent.xfer("WRITE", descs([(self._outbox_reg.addr, size)]), descs([(dst, size)]),
                                     conn.peer, f"reply sid={conn.sid} slot={slot} {size}B")
-                if size <= CACHED_CLASS_MAX:
+                if cached:
                     conn.handles[(slot, size)] = handle
             try:
                 agent.run(handle, notif, time.monotonic() + self._reply_timeout_s)
             finally:
-                if size > CACHED_CLASS_MAX:
+                if not cached:
                     handle.release()
         except TransportError:
             conn.dead = True  # the requester vanished; its control socket's EOF cleans up

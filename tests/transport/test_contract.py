@@ -70,6 +70,26 @@ def test_post_several_then_wait_in_reverse(conn):
         assert pending.wait(1.0) == payload  # repeats return the same reply
 
 
+def test_nixl_messages_over_a_slot_take_adjacent_slots_not_tcp(conn, transport_name):
+    """A call (and its reply) over one slot but within the inbox travels over NIXL in adjacent slots; only one
+    over the whole inbox takes the control channel, and is counted."""
+    if transport_name != "nixl":
+        pytest.skip("slots are NIXL's")
+    slot_bytes, num_slots = conn.slot_bytes, len(conn._busy)
+    assert (slot_bytes, num_slots) == (64 << 10, 8)  # CLIENT_OPTS: small slots, so 200 KB spans four
+    before = conn.control_calls
+    for size in (slot_bytes + 1, 200_000, num_slots * slot_bytes - 64):
+        body = os.urandom(size - 1)
+        assert conn.call(b"r" + body, 10.0) == body[::-1]  # the reply spans the same slots
+    pendings = [conn.post(b"e" + bytes([k]) * 150_000) for k in range(2)]  # 3 slots each, side by side
+    assert [p.wait(10.0) for p in pendings] == [bytes([k]) * 150_000 for k in range(2)]
+    assert conn.control_calls == before
+    assert not any(conn._busy)  # every slot came back
+    body = os.urandom(num_slots * slot_bytes + 1)
+    assert conn.call(b"e" + body, 10.0) == body
+    assert conn.control_calls == before + 1
+
+
 def test_done_makes_progress_without_wait(conn):
     pending = conn.post(b"eabc")
     deadline = time.monotonic() + 5.0
