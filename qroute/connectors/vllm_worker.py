@@ -1,6 +1,6 @@
 """Worker side of the qroute connector (runs in vLLM's Worker process, next to the model and KV cache).
 
-- ``register_kv_caches`` (once): allocates this instance's resident corpus store (float32
+- ``register_kv_caches`` (once): allocates this instance's resident corpus store (in the paged cache's dtype,
   ``[rows this instance holds, kv_lora_rank + rope_dim]`` per layer, ``shard_layout`` order), starts the
   owner service on the configured address and the peer connections (``OwnerLinks``), and the ``Router``.
 - ``start_step`` (plan, once per step, from ``bind_connector_metadata``): maps query rows to requests by
@@ -45,7 +45,7 @@ from qroute.numerics.rope import PositionShift
 logger = logging.getLogger("vllm.qroute")
 
 _ROUTER_COUNTERS = COUNTERS[:4]  # route, fetch, local, bytes_moved: the router's own counters
-STORE_DTYPE = torch.float32  # the resident corpus rows, whatever the model dtype
+STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the resident rows are the paged cache's dtype
 PEER_WAIT_FACTOR = 5  # a step waits at most this many timeout_s for owners that are not connected yet
 # vLLM ropes DeepSeek with is_neox_style=False whatever the checkpoint's rope_interleave says.
 INTERLEAVED = True
@@ -88,7 +88,14 @@ class QRouteWorkerSide:
         self.directory = directory
         hf_config = load_config(model_dir)
         self.params = AttentionParams.from_config(hf_config)
-        self.geometry = geometry_from_config(hf_config, cache_dtype="float32", dtype="float32")
+        if model_dtype not in STORE_DTYPES:
+            raise ConfigError(f"qroute: model dtype {model_dtype} is not supported; the corpus store holds "
+                              f"rows in the cache dtype, one of {[str(d) for d in STORE_DTYPES]}")  # fmt: skip
+        # The store holds rows as the engine's paged cache does (--kv-cache-dtype auto: the model dtype), so that
+        # its memory, and the bytes a fetch moves, are the stock cache's.
+        self.store_dtype = model_dtype
+        dtype_name = str(model_dtype).removeprefix("torch.")
+        self.geometry = geometry_from_config(hf_config, cache_dtype=dtype_name, dtype=dtype_name)
         self.fabric = load_fabric(config.fabric_name)
         self.secret = config.read_secret()
         self.table_dtype = model_dtype  # vLLM casts its cos/sin table to the model dtype
@@ -115,12 +122,15 @@ class QRouteWorkerSide:
         if sorted(self.layer_index.values()) != list(range(num_layers)):
             raise ConfigError(f"qroute: expected KV caches for layers 0..{num_layers - 1}, got {sorted(kv_caches)}")
         for name, cache in kv_caches.items():
+            if cache.dtype != self.store_dtype:
+                raise ConfigError(f"qroute: KV cache {name} is {cache.dtype}; qroute needs the cache in the model "
+                                  f"dtype {self.store_dtype} (--kv-cache-dtype auto)")  # fmt: skip
             if cache.shape[-1] != self.width or cache.shape[-2] != self.directory.block_size:
                 raise ConfigError(f"qroute: KV cache {name} has shape {tuple(cache.shape)}; expected blocks of "
                                   f"{self.directory.block_size} rows of {self.width}")  # fmt: skip
         block_rows = shard_layout(self.directory, self.config.instance_id)
         num_rows = sum(count for _, count in block_rows.values())
-        layers = [torch.zeros(num_rows, self.width, dtype=STORE_DTYPE) for _ in range(num_layers)]
+        layers = [torch.zeros(num_rows, self.width, dtype=self.store_dtype) for _ in range(num_layers)]
         self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows)
         fingerprint = self.directory.model_fingerprint
         service = OwnerService({self.directory.name: self.shard}, self.params, instance_id=self.config.instance_id,
@@ -129,9 +139,9 @@ class QRouteWorkerSide:
             RouterConfig(self.config.instance_id, self.config.mode, self.config.timeout_s,
                          cache_bytes=self.config.cache_bytes),
             self.directory, self.geometry, self.fabric, self.params, {}, local_shard=self.shard,
-            row_dtype=STORE_DTYPE,
+            row_dtype=self.store_dtype,
         )  # fmt: skip
-        compat = compat_for(fingerprint, self.directory, self.width, STORE_DTYPE)
+        compat = compat_for(fingerprint, self.directory, self.width, self.store_dtype)
         self.links = OwnerLinks(self.config, service, self.directory, compat=compat, on_connect=self.router.add_peer)
         self.links.start()
         logger.info("qroute: corpus %r store: %d of %d tokens (%d chunks) x %d layers, %.1f MiB, instance %r",
@@ -266,9 +276,9 @@ class QRouteWorkerSide:
                 continue
             num = run.store_rows.shape[0]
             slots = self._slot_mapping[run.start : run.start + num]
-            rows = kv_layer.reshape(-1, self.width).index_select(0, slots.to(kv_layer.device)).to("cpu", STORE_DTYPE)
+            rows = kv_layer.reshape(-1, self.width).index_select(0, slots.to(kv_layer.device)).to("cpu")
             rank = self.params.kv_lora_rank
-            rows[:, rank:] = run.shift.first(num)(rows[:, rank:])
+            rows[:, rank:] = run.shift.first(num)(rows[:, rank:])  # rotated in float32, stored in the cache dtype
             self.shard.layers[layer][run.store_rows] = rows
             self._note_stored(run, layer, num)
 

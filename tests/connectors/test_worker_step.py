@@ -27,30 +27,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def sides(vllm, tiny_fp32_model, sample_corpus):
+def _make_sides(model_dir, corpus_dir, dtype: torch.dtype) -> dict:
     from qroute.connectors.vllm_worker import QRouteWorkerSide
     from qroute.core.config import QRouteConfig, load_directory
 
     instances = {name: f"127.0.0.1:{_free_port()}" for name in ("a", "b")}
     built = {}
+    for name in instances:
+        config = QRouteConfig.from_extra_config({
+            "instance_id": name, "instances": instances, "secret_env": "QROUTE_SECRET",
+            "corpus": {"name": "repo", "path": str(corpus_dir), "blocks_per_chunk": 1},
+        })  # fmt: skip
+        _, directory = load_directory(config, model_dir)
+        side = QRouteWorkerSide(config, directory, str(model_dir), dtype)
+        caches = {LAYER_NAME.format(i): torch.zeros(8, directory.block_size, side.width, dtype=dtype)
+                  for i in range(side.geometry.num_layers)}  # fmt: skip
+        side.register_kv_caches(caches)
+        g = torch.Generator().manual_seed(ord(name))
+        for rows in side.shard.layers:
+            rows.copy_(torch.randn(rows.shape, generator=g))
+        side._stored_chunks = {c.chunk_id for c in directory.chunks_of(name)}  # as if prefilled
+        built[name] = side
+    return built
+
+
+@pytest.fixture(scope="module")
+def sides(vllm, tiny_fp32_model, sample_corpus):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QROUTE_SECRET", "worker-step-test")
-        for name in instances:
-            config = QRouteConfig.from_extra_config({
-                "instance_id": name, "instances": instances, "secret_env": "QROUTE_SECRET",
-                "corpus": {"name": "repo", "path": str(sample_corpus), "blocks_per_chunk": 1},
-            })  # fmt: skip
-            _, directory = load_directory(config, tiny_fp32_model)
-            side = QRouteWorkerSide(config, directory, str(tiny_fp32_model), torch.float32)
-            caches = {LAYER_NAME.format(i): torch.zeros(8, directory.block_size, side.width)
-                      for i in range(side.geometry.num_layers)}  # fmt: skip
-            side.register_kv_caches(caches)
-            g = torch.Generator().manual_seed(ord(name))
-            for rows in side.shard.layers:
-                rows.copy_(torch.randn(rows.shape, generator=g))
-            side._stored_chunks = {c.chunk_id for c in directory.chunks_of(name)}  # as if prefilled
-            built[name] = side
+        built = _make_sides(tiny_fp32_model, sample_corpus, torch.float32)
         try:
             yield built
         finally:
@@ -87,10 +92,11 @@ def _step(side, requests):
     return QRouteStepMeta(steps), torch.tensor(slot_mapping), torch.tensor(starts)
 
 
-def _inputs(side, num_rows: int, seed: int):
+def _inputs(side, num_rows: int, seed: int, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
     h, rank, rope = side.geometry.num_heads, side.params.kv_lora_rank, side.width - side.params.kv_lora_rank
-    q_nope, q_pe = torch.randn(num_rows, h, rank, generator=g), torch.randn(num_rows, h, rope, generator=g)
+    q_nope = torch.randn(num_rows, h, rank, generator=g).to(dtype)
+    q_pe = torch.randn(num_rows, h, rope, generator=g).to(dtype)
     own = (torch.randn(num_rows, h, rank, generator=g), torch.randn(num_rows, h, generator=g))
     return q_nope, q_pe, own
 
@@ -174,3 +180,35 @@ def test_the_plan_is_reused_across_layers(sides, monkeypatch):
     a.end_step()
     assert walks == ["ranges"]  # the fetch part's ranges, on its first layer; never the local rows
     assert "error" not in str(a.take_report().errors)
+
+
+def test_a_bf16_model_stores_and_moves_bf16_rows(vllm, tiny_fp32_model, sample_corpus, monkeypatch):
+    """The store is the paged cache's dtype: half the memory of float32 and half the bytes per fetched row."""
+    monkeypatch.setenv("QROUTE_SECRET", "worker-step-test")
+    built = _make_sides(tiny_fp32_model, sample_corpus, torch.bfloat16)
+    try:
+        a = built["a"]
+        assert all(rows.dtype == torch.bfloat16 for rows in a.shard.layers)
+        assert a.shard.nbytes == sum(rows.shape[0] for rows in a.shard.layers) * a.width * 2
+        remote_tokens = sum(count for count in (r[1] for r in built["b"].shard.block_rows.values()))
+        q_nope, q_pe, own = _inputs(a, 2, seed=9, dtype=torch.bfloat16)
+        requests = [(100, 0, 1, "fetch"), (200, 4, 1, "route")]
+        results, report = _attend(a, requests, q_nope, q_pe, own)
+        fetch, route = report.counts["r0"], report.counts["r1"]
+        num_layers = a.geometry.num_layers
+        assert fetch[1] == route[0] == num_layers
+        assert fetch[3] == remote_tokens * a.width * 2 * num_layers  # bf16 rows: 1152 bytes per token
+        n = a.directory.num_tokens
+        for k, (_, first_pos, _, _) in enumerate(requests):
+            positions = torch.tensor([first_pos])
+            shift = PositionShift(positions, positions + n, a.params.inv_freq, interleaved=True,
+                                  table_dtype=torch.bfloat16)  # fmt: skip
+            for layer, (out, lse) in results.items():
+                corpus = partial_attention(q_nope[k:k + 1], shift(q_pe[k:k + 1]), _full_corpus(built, layer),
+                                           torch.arange(n), a.params.scale, a.params.kv_lora_rank)  # fmt: skip
+                want_out, want_lse = merge([(own[0][k:k + 1], own[1][k:k + 1]), corpus])
+                torch.testing.assert_close(lse[k:k + 1], want_lse, atol=1e-4, rtol=0)
+                torch.testing.assert_close(out[k:k + 1], want_out, atol=1e-4, rtol=0)
+    finally:
+        for side in built.values():
+            side.close()
