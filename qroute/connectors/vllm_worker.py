@@ -41,6 +41,7 @@ from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
 from qroute.errors import ConfigError, QRouteError
 from qroute.numerics.attention import AttentionParams, Part
 from qroute.numerics.rope import PositionShift
+from qroute.numerics.rowformat import row_format
 
 logger = logging.getLogger("vllm.qroute")
 
@@ -131,7 +132,8 @@ class QRouteWorkerSide:
         block_rows = shard_layout(self.directory, self.config.instance_id)
         num_rows = sum(count for _, count in block_rows.values())
         layers = [torch.zeros(num_rows, self.width, dtype=self.store_dtype) for _ in range(num_layers)]
-        self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows)
+        fmt = row_format(self.store_dtype, self.params.kv_lora_rank, self.width - self.params.kv_lora_rank)
+        self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows, fmt)
         fingerprint = self.directory.model_fingerprint
         service = OwnerService({self.directory.name: self.shard}, self.params, instance_id=self.config.instance_id,
                                model_fingerprint=fingerprint, secret=self.secret)  # fmt: skip
@@ -139,9 +141,9 @@ class QRouteWorkerSide:
             RouterConfig(self.config.instance_id, self.config.mode, self.config.timeout_s,
                          cache_bytes=self.config.cache_bytes),
             self.directory, self.geometry, self.fabric, self.params, {}, local_shard=self.shard,
-            row_dtype=self.store_dtype,
+            row_format=fmt,
         )  # fmt: skip
-        compat = compat_for(fingerprint, self.directory, self.width, self.store_dtype)
+        compat = compat_for(fingerprint, self.directory, self.width, fmt.name)
         self.links = OwnerLinks(self.config, service, self.directory, compat=compat, on_connect=self.router.add_peer)
         self.links.start()
         logger.info("qroute: corpus %r store: %d of %d tokens (%d chunks) x %d layers, %.1f MiB, instance %r",

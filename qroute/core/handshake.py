@@ -110,9 +110,10 @@ def unpack_fields(data: bytes, count: int) -> list[bytes]:
 
 def compat_hash(model_fingerprint: str, latent_width: int, block_size: int, dtype: str, lse_base: str = "e") -> str:
     """Hash of everything two instances must agree on to exchange latent rows and partials: model, latent
-    width, block size, row dtype (a wire dtype name, e.g. ``"float32"``) and LSE base."""
-    if dtype not in wire.WIRE_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} must be one of {sorted(wire.WIRE_DTYPES)}")
+    width, block size, row format (a wire dtype name, e.g. ``"float32"``, or ``"fp8_ds_mla"``, DeepSeek-V3.2's FP8
+    row) and LSE base."""
+    if dtype not in wire.WIRE_DTYPES and dtype != "fp8_ds_mla":
+        raise ConfigError(f"dtype={dtype!r} must be one of {[*sorted(wire.WIRE_DTYPES), 'fp8_ds_mla']}")
     if lse_base not in ("e", "2"):
         raise ConfigError(f"lse_base={lse_base!r} must be 'e' or '2'")
     if latent_width <= 0 or block_size <= 0:

@@ -5,7 +5,8 @@ request, on its own thread. ``handle`` never raises: every failure becomes an ``
 typed code, so one bad request never stops the service.
 
 - route: ``partial_attention`` of the absorbed query rows (roped at their corpus positions) over the
-  requested blocks -> ``(out, lse)`` (float32, natural log).
+  requested blocks (read in the shard's ``RowFormat``: FP8 rows are dequantized) -> ``(out, lse)`` (float32,
+  natural log).
 
 Latent rows are not served here: requesters read them one-sidedly from the regions the transport
 server exposes (``peering.serve_owner``).
@@ -27,7 +28,7 @@ from qroute.core import handshake, wire
 from qroute.dataplane.shard import CorpusShard
 from qroute.errors import ErrorCode, HandshakeMismatch, QRouteError, WireError
 from qroute.metrics import OWNER, Metrics
-from qroute.numerics.attention import AttentionParams, partial_attention
+from qroute.numerics.attention import AttentionParams
 
 
 class OwnerService:
@@ -149,9 +150,8 @@ class OwnerService:
         shard = self.shards[first.corpus]
         q_nope = torch.cat([wire.as_torch(req.q_nope) for _, req in members])
         q_pe = torch.cat([wire.as_torch(req.q_pe) for _, req in members])
-        p = self.params
-        out, lse = partial_attention(q_nope, q_pe, shard.layers[first.layer], shard.slots(first.block_ids),
-                                     p.scale, p.kv_lora_rank)  # fmt: skip
+        out, lse = shard.format.attend(q_nope, q_pe, shard.layers[first.layer], shard.slots(first.block_ids),
+                                       self.params.scale)  # fmt: skip
         replies, row = [], 0
         for i, req in members:
             rows = slice(row, row + req.q_nope.shape[0])

@@ -34,6 +34,7 @@ from qroute.dataplane.shard import BlockRows, CorpusShard, block_tokens, byte_ra
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
 from qroute.metrics import ROUTER, Metrics
 from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
+from qroute.numerics.rowformat import RowFormat
 from qroute.transport import SupportsOneSidedRead
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class Router:
         connections: dict[str, object],
         *,
         local_shard: CorpusShard | None = None,
-        row_dtype: torch.dtype = torch.float32,
+        row_format: RowFormat | None = None,
     ):
         self.config = config
         self.directory = directory
@@ -146,9 +147,13 @@ class Router:
         self.fabric = fabric
         self.params = params
         self.local_shard = local_shard
-        self.row_dtype = row_dtype
+        # how owners store rows (what a READ returns): given, else the local shard's, else dense float32
+        if row_format is None:
+            rank = params.kv_lora_rank
+            row_format = local_shard.format if local_shard else RowFormat("float32", rank, geometry.latent_width - rank)
+        self.row_format = row_format
         self.width = geometry.latent_width
-        self.row_bytes = self.width * torch.empty(0, dtype=row_dtype).element_size()
+        self.row_bytes = row_format.row_bytes
         self.peers = {
             name: Peer(name, conn, shard_layout(directory, name))
             for name, conn in connections.items()
@@ -262,8 +267,8 @@ class Router:
         return merge(results) if results else empty_part(q_nope.shape[0], q_nope.shape[1], self.params.kv_lora_rank)
 
     def _local(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart) -> Part:
-        rows = self.local_shard.layers[layer]
-        return partial_attention(q_nope, q_pe, rows, part.slots, self.params.scale, self.params.kv_lora_rank)
+        shard = self.local_shard
+        return shard.format.attend(q_nope, q_pe, shard.layers[layer], part.slots, self.params.scale)
 
     def _attend_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor) -> Part:
         slots = torch.arange(rows.shape[0])
@@ -352,7 +357,8 @@ class Router:
     def read_rows(self, layer: int, block_ids: tuple[int, ...], owner: str, *,
                   part: OwnerPart | None = None) -> torch.Tensor:
         """One-sided read of ``block_ids``' latent rows of ``layer`` from ``owner``: ``[num_tokens, width]``
-        (the ranges kept on ``part``, the plan's part of these blocks, when given)."""
+        (dequantized where owners store FP8 rows; the ranges kept on ``part``, the plan's part of these blocks,
+        when given)."""
         peer = self.peers.get(owner)
         if peer is None or not peer.can_read:
             raise _Unreachable(f"owner {owner!r} is not connected or recently failed")
@@ -366,7 +372,7 @@ class Router:
         peer.connection.read(region_name(self.directory.name, layer), ranges, out, self.config.timeout_s)
         self.stats.observe("fetch_s", time.perf_counter() - start)
         self.stats.add("bytes_moved", total)
-        return torch.from_numpy(out).view(self.row_dtype).view(-1, self.width)
+        return self.row_format.decode(self.row_format.from_bytes(torch.from_numpy(out)))
 
     def _cache_blocks(self, layer: int, block_ids: tuple[int, ...], rows: torch.Tensor) -> None:
         sizes = [block_tokens(self.directory, b) for b in block_ids]

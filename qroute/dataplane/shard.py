@@ -20,6 +20,7 @@ import torch
 from qroute.core.handshake import compat_hash
 from qroute.core.placement import CorpusDirectory
 from qroute.errors import ConfigError, CorpusError
+from qroute.numerics.rowformat import RowFormat
 
 BlockRows = dict[int, tuple[int, int]]  # block id -> (first row in the shard, number of tokens)
 SLOTS_KEPT = 256  # block lists whose rows a shard keeps (``CorpusShard.slots``)
@@ -72,40 +73,43 @@ def byte_ranges(block_rows: BlockRows, block_ids: Sequence[int], row_bytes: int)
     return ranges
 
 
-def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, dtype: torch.dtype) -> str:
-    """What two instances must agree on before exchanging rows: model, latent width, block size, row dtype."""
-    return compat_hash(model_fingerprint, width, directory.block_size, str(dtype).removeprefix("torch."))
+def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, row_format: str | torch.dtype) -> str:
+    """What two instances must agree on before exchanging rows: model, latent width, block size, row format
+    (a ``RowFormat`` name; a torch dtype names the dense one)."""
+    return compat_hash(model_fingerprint, width, directory.block_size, str(row_format).removeprefix("torch."))
 
 
 @dataclass
 class CorpusShard:
-    """The blocks of one corpus that one instance holds, for every layer."""
+    """The blocks of one corpus that one instance holds, for every layer, stored in ``format``."""
 
     directory: CorpusDirectory
     instance: str
-    layers: list[torch.Tensor]  # per layer [num_rows, width], contiguous
+    layers: list[torch.Tensor]  # per layer [num_rows, format.storage_width] of format.storage_dtype, contiguous
     block_rows: BlockRows
-
+    format: RowFormat
     _slots_kept: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         num_rows = sum(count for _, count in self.block_rows.values())
+        fmt = self.format
         for layer, rows in enumerate(self.layers):
-            if rows.dim() != 2 or rows.shape[0] != num_rows or not rows.is_contiguous():
-                raise ConfigError(
-                    f"shard layer {layer}: rows {tuple(rows.shape)} must be contiguous [{num_rows}, width]"
-                )
+            if rows.shape != (num_rows, fmt.storage_width) or rows.dtype != fmt.storage_dtype \
+                    or not rows.is_contiguous():
+                raise ConfigError(f"shard layer {layer}: rows {rows.dtype} {tuple(rows.shape)} must be contiguous "
+                                  f"[{num_rows}, {fmt.storage_width}] {fmt.storage_dtype} ({fmt.name})")
 
     @property
     def width(self) -> int:
-        return self.layers[0].shape[1]
+        """Latent row width ``R + P``."""
+        return self.format.width
 
     @property
     def row_bytes(self) -> int:
-        return self.width * self.layers[0].element_size()
+        return self.format.row_bytes
 
     def compat_hash(self, model_fingerprint: str) -> str:
-        return compat_for(model_fingerprint, self.directory, self.width, self.layers[0].dtype)
+        return compat_for(model_fingerprint, self.directory, self.width, self.format.name)
 
     def holds(self, block_ids: Sequence[int]) -> bool:
         if isinstance(block_ids, tuple) and block_ids in self._slots_kept:

@@ -20,6 +20,7 @@ from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.shard import CorpusShard, compat_for, corpus_positions, shard_layout
 from qroute.errors import ConfigError, CorpusError
 from qroute.numerics.attention import AttentionParams, merge, partial_attention
+from qroute.numerics.rowformat import RowFormat, row_format
 from qroute.reference.refmodel import Attend, RefMLAModel
 
 
@@ -35,14 +36,25 @@ class PreparedCorpus:
 
     @property
     def compat(self) -> str:
-        return compat_for(self.fingerprint, self.directory, self.geometry.latent_width, self.all_rows[0].dtype)
+        return self.compat_of()
 
-    def shard(self, instance: str) -> CorpusShard:
-        return build_shard(self.all_rows, self.directory, instance)
+    def compat_of(self, row_format: str | None = None) -> str:
+        """The compat hash of owners storing rows in ``row_format`` (default: dense, the rows' dtype)."""
+        width = self.geometry.latent_width
+        return compat_for(self.fingerprint, self.directory, width, self.row_format(row_format).name)
 
-    def owner_service(self, instance: str, secret: bytes, **options) -> OwnerService:
+    def row_format(self, name: str | None = None) -> RowFormat:
+        """The store format ``name`` (default: dense, the rows' own dtype) for this model's rows."""
+        return row_format(name or self.all_rows[0].dtype, self.params.kv_lora_rank,
+                          self.geometry.latent_width - self.params.kv_lora_rank)  # fmt: skip
+
+    def shard(self, instance: str, row_format: str | None = None) -> CorpusShard:
+        return build_shard(self.all_rows, self.directory, instance, self.row_format(row_format))
+
+    def owner_service(self, instance: str, secret: bytes, *, row_format: str | None = None,
+                      **options) -> OwnerService:
         return OwnerService(
-            {self.directory.name: self.shard(instance)},
+            {self.directory.name: self.shard(instance, row_format)},
             self.params,
             instance_id=instance,
             model_fingerprint=self.fingerprint,
@@ -120,8 +132,9 @@ def prefill_corpus(model: RefMLAModel, token_ids: torch.Tensor, directory: Corpu
     return [torch.cat(rows).contiguous() for rows in layers]
 
 
-def build_shard(all_rows: list[torch.Tensor], directory: CorpusDirectory, instance: str) -> CorpusShard:
-    """Cut an instance's share out of the whole corpus's rows (``prefill_corpus``)."""
+def build_shard(all_rows: list[torch.Tensor], directory: CorpusDirectory, instance: str,
+                fmt: RowFormat) -> CorpusShard:
+    """Cut an instance's share out of the whole corpus's rows (``prefill_corpus``), stored in ``fmt``."""
     if instance not in directory.instances:
         raise ConfigError(
             f"instance {instance!r} is not in corpus {directory.name!r}'s directory {directory.instances}"
@@ -129,5 +142,5 @@ def build_shard(all_rows: list[torch.Tensor], directory: CorpusDirectory, instan
     block_rows = shard_layout(directory, instance)
     order = sorted(block_rows, key=lambda b: block_rows[b][0])
     positions = corpus_positions(directory, order)
-    layers = [rows.index_select(0, positions).contiguous() for rows in all_rows]
-    return CorpusShard(directory=directory, instance=instance, layers=layers, block_rows=block_rows)
+    layers = [fmt.encode(rows.index_select(0, positions)) for rows in all_rows]
+    return CorpusShard(directory=directory, instance=instance, layers=layers, block_rows=block_rows, format=fmt)

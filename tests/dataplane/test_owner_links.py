@@ -16,6 +16,7 @@ from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
 from qroute.numerics.attention import AttentionParams
+from qroute.numerics.rowformat import RowFormat
 
 SECRET = b"links-secret"
 
@@ -39,7 +40,7 @@ def mesh():
                                                  "corpus": {"name": "c", "path": "/unused"}})  # fmt: skip
         rows = shard_layout(directory, name)
         num = sum(n for _, n in rows.values())
-        shard = CorpusShard(directory, name, [torch.zeros(num, 576)], rows)
+        shard = CorpusShard(directory, name, [torch.zeros(num, 576)], rows, RowFormat("float32", 512, 64))
         service = OwnerService({"c": shard}, params, instance_id=name, model_fingerprint="f" * 32, secret=SECRET)
         links = OwnerLinks(config, service, directory, compat=compat_for("f" * 32, directory, 576, torch.float32),
                            on_connect=lambda peer, conn: connected.append(peer))  # fmt: skip

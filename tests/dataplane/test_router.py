@@ -11,7 +11,7 @@ from qroute.core import wire
 from qroute.core.costmodel import Decision, load_fabric
 from qroute.dataplane.peering import connect_owner, connect_owners, serve_owner
 from qroute.dataplane.router import Router, RouterConfig
-from qroute.dataplane.shard import corpus_positions
+from qroute.dataplane.shard import block_tokens, corpus_positions
 from qroute.errors import HandshakeMismatch, QRouteError, RemoteError
 from qroute.numerics.attention import partial_attention
 from qroute.numerics.rope import PositionShift
@@ -229,3 +229,40 @@ def test_owner_modes_route_to_one_owner_and_fetch_from_another_in_one_plan(prepa
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     assert router.stats["route"] > 0 and router.stats["fetch"] > 0 and router.stats["local"] > 0
+
+
+@pytest.mark.parametrize("mode", ["route", "fetch"])
+def test_fp8_stores_route_and_fetch_656_byte_rows(prepared, mode):
+    """Owners and the requester store DeepSeek-V3.2's FP8 rows: a route is attended on the owner's FP8 rows, a
+    fetch moves 656 bytes per token; either way the result is attention over the dequantized corpus."""
+    fmt = prepared.row_format("fp8_ds_mla")
+    transport = LoopbackTransport()
+    servers = {name: serve_owner(transport, prepared.owner_service(name, SECRET, row_format="fp8_ds_mla"))
+               for name in ("b", "c")}  # fmt: skip
+    addresses = {name: server.start() for name, server in servers.items()}
+    connections = connect_owners(transport, addresses, instance_id="a", directory=prepared.directory,
+                                 model_fingerprint=prepared.fingerprint, compat=prepared.compat_of(fmt.name),
+                                 secret=SECRET)  # fmt: skip
+    try:
+        router = Router(RouterConfig(instance_id="a", mode=mode), prepared.directory, prepared.geometry,
+                        load_fabric("loopback-tcp"), prepared.params, connections,
+                        local_shard=prepared.shard("a", fmt.name))  # fmt: skip
+        assert router.row_bytes == 656
+        q_nope, q_pe = random_queries(prepared, seed=11)
+        plan = router.plan(q_nope.shape[0])
+        remote_tokens = sum(block_tokens(prepared.directory, b) for p in plan.parts if p.owners for b in p.block_ids)
+        for layer in range(prepared.model.num_layers):
+            before = router.stats["bytes_moved"]
+            out, lse = router.run(layer, q_nope, q_pe, plan)
+            rows = fmt.decode(fmt.encode(prepared.all_rows[layer]))
+            want = partial_attention(q_nope, q_pe, rows, torch.arange(rows.shape[0]), prepared.params.scale, 512)
+            torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out, want[0], atol=1e-5, rtol=0)
+            if mode == "fetch":
+                assert router.stats["bytes_moved"] - before == remote_tokens * 656
+        assert router.stats[mode] > 0 and router.stats["local"] > 0
+    finally:
+        for connection in connections.values():
+            connection.close()
+        for server in servers.values():
+            server.stop()
