@@ -65,7 +65,7 @@ class OwnerPart:
     block_ids: tuple[int, ...]
     decision: Decision
     owners: tuple[str, ...]  # replicas in preference order; empty for local blocks
-    slots: torch.Tensor | None = field(default=None, compare=False, repr=False)  # local rows of the blocks
+    slots: torch.Tensor | range | None = field(default=None, compare=False, repr=False)  # local rows of the blocks
     _ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict, compare=False, repr=False)
 
     def read_ranges(self, peer: Peer, row_bytes: int) -> list[tuple[int, int]]:
@@ -271,8 +271,7 @@ class Router:
         return shard.format.attend(q_nope, q_pe, shard.layers[layer], part.slots, self.params.scale)
 
     def _attend_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor) -> Part:
-        slots = torch.arange(rows.shape[0])
-        return partial_attention(q_nope, q_pe, rows, slots, self.params.scale, self.params.kv_lora_rank)
+        return partial_attention(q_nope, q_pe, rows, range(rows.shape[0]), self.params.scale, self.params.kv_lora_rank)
 
     # route
 

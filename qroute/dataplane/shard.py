@@ -116,9 +116,10 @@ class CorpusShard:
             return True
         return all(b in self.block_rows for b in block_ids)
 
-    def slots(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Rows of ``block_ids`` in order, int64 ``[num_tokens]``. Kept for tuples of ids: an owner is asked for
-        the same few block lists by every requester, every layer and every step."""
+    def slots(self, block_ids: Sequence[int]) -> torch.Tensor | range:
+        """Rows of ``block_ids`` in order: a ``range`` where they are adjacent (read in place), else int64
+        ``[num_tokens]``. Kept for tuples of ids: an owner is asked for the same few block lists by every
+        requester, every layer and every step."""
         if not isinstance(block_ids, tuple):
             return self._slots(block_ids)
         slots = self._slots_kept.get(block_ids)
@@ -128,7 +129,7 @@ class CorpusShard:
             slots = self._slots_kept[block_ids] = self._slots(block_ids)
         return slots
 
-    def _slots(self, block_ids: Sequence[int]) -> torch.Tensor:
+    def _slots(self, block_ids: Sequence[int]) -> torch.Tensor | range:
         try:
             pairs = [self.block_rows[b] for b in block_ids]
         except KeyError as exc:
@@ -139,6 +140,8 @@ class CorpusShard:
             return torch.empty(0, dtype=torch.int64)
         # vectorised (a torch.arange per block costs microseconds each): row = start of its block + offset in it
         starts, counts = np.array(pairs, dtype=np.int64).T
+        if (starts[1:] == starts[:-1] + counts[:-1]).all():  # each block right after the one before
+            return range(int(starts[0]), int(starts[-1] + counts[-1]))
         ends = np.cumsum(counts)
         return torch.from_numpy(np.arange(ends[-1]) + np.repeat(starts - (ends - counts), counts))
 

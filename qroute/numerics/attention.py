@@ -83,7 +83,7 @@ def partial_attention(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
     kv_cache: torch.Tensor,
-    slots: torch.Tensor,
+    slots: torch.Tensor | range,
     scale: float,
     kv_lora_rank: int = 512,
     *,
@@ -91,6 +91,9 @@ def partial_attention(
     kv_positions: torch.Tensor | None = None,
 ) -> Part:
     """Attention of absorbed MLA queries over the cache rows ``slots``: one mergeable part.
+
+    ``slots``: 1-D int rows, or a ``range`` (step 1) of adjacent rows, read in place without any check or gather
+    (what a shard's or a fetched buffer's rows usually are; ``CorpusShard.slots`` returns one where it can).
 
     score[t, h, j] = (q_nope[t, h] . c_j + q_pe[t, h] . k_pe_j) * scale; values are c_j.
     Causal visibility (optional, both or neither): ``q_positions [T]`` and ``kv_positions [S]`` int;
@@ -111,23 +114,29 @@ def partial_attention(
         raise ConfigError(f"scale must be a finite positive float, got {scale!r}")
     num_tokens, num_heads, rope_dim = q_pe.shape
     cache = _flat_cache(kv_cache, kv_lora_rank, rope_dim)
-    _check_int("slots", slots)
-    num_keys = slots.shape[0]
+    if isinstance(slots, range):
+        if slots.step != 1 or slots.start < 0 or slots.stop > cache.shape[0]:
+            raise ConfigError(f"slots {slots} must be a step-1 range inside [0, {cache.shape[0]})")
+    else:
+        _check_int("slots", slots)
+    num_keys = len(slots)
     if (q_positions is None) != (kv_positions is None):
         raise ConfigError("give both q_positions and kv_positions for causal visibility, or neither")
     if q_positions is not None:
         _check_int("q_positions", q_positions, num_tokens)
         _check_int("kv_positions", kv_positions, num_keys)
-    if slots.dtype not in (torch.int32, torch.int64):
-        slots = slots.long()  # index_select takes these two only
-    if num_keys:
+    if not num_keys:
+        return empty_part(num_tokens, num_heads, kv_lora_rank, q_nope.device)
+    if isinstance(slots, range):
+        low, high, in_place = slots.start, slots.stop - 1, True
+    else:
+        if slots.dtype not in (torch.int32, torch.int64):
+            slots = slots.long()  # index_select takes these two only
         low, high = (int(v) for v in torch.aminmax(slots))
         if low < 0 or high >= cache.shape[0]:  # negative indices would silently wrap around in torch indexing
             raise ConfigError(f"slots must lie in [0, {cache.shape[0]}), got range [{low}, {high}]")
-    else:
-        return empty_part(num_tokens, num_heads, kv_lora_rank, q_nope.device)
-    # One ascending run of rows (a whole shard, a local part, a fetched buffer) is read in place, not gathered.
-    in_place = high - low + 1 == num_keys and (num_keys == 1 or bool((slots.diff() == 1).all()))
+        # one ascending run of rows is read in place, not gathered
+        in_place = high - low + 1 == num_keys and (num_keys == 1 or bool((slots.diff() == 1).all()))
 
     device = q_nope.device
     masked = q_positions is not None

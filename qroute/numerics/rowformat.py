@@ -101,12 +101,16 @@ class RowFormat:
         """A READ's bytes (uint8, whole rows) -> stored rows ``[n, storage_width]`` (a view)."""
         return data.view(self.storage_dtype).view(-1, self.storage_width)
 
-    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, stored: torch.Tensor, slots: torch.Tensor,
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, stored: torch.Tensor, slots: torch.Tensor | range,
                scale: float) -> Part:
         """``partial_attention`` of the query rows over stored rows ``slots`` (dequantized first where FP8)."""
         if not self.quantized:
             return partial_attention(q_nope, q_pe, stored, slots, scale, self.kv_lora_rank)
-        rows = self.decode(stored.index_select(0, slots.to(stored.device).long()))
+        if isinstance(slots, range):
+            selected = stored[slots.start:slots.stop]
+        else:
+            selected = stored.index_select(0, slots.to(stored.device).long())
+        rows = self.decode(selected)
         return partial_attention(q_nope, q_pe, rows, torch.arange(rows.shape[0], device=rows.device), scale,
                                  self.kv_lora_rank)  # fmt: skip
 
