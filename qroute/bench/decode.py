@@ -55,7 +55,8 @@ def steady_gaps(runs: list[list[float]]) -> list[float]:
     return [b - a for stamps in runs for a, b in zip(stamps, stamps[1:], strict=False) if a >= begin and b <= end]
 
 
-def _tpot_ms(url: str, prompt: list[int], params: dict | None, concurrency: int) -> float:
+def _stream_together(url: str, prompt: list[int], params: dict | None, concurrency: int) -> list[list[float]]:
+    """``concurrency`` streamed completions started together: each one's token arrival times."""
     runs: list[list[float]] = [[] for _ in range(concurrency)]
     threads = [threading.Thread(target=_stream_stamps, args=(url, prompt, params, runs[k]))
                for k in range(concurrency)]  # fmt: skip
@@ -65,16 +66,20 @@ def _tpot_ms(url: str, prompt: list[int], params: dict | None, concurrency: int)
         thread.join()
     if any(len(stamps) < 2 for stamps in runs):
         raise RuntimeError(f"a request streamed {min(len(s) for s in runs)} tokens; expected {MAX_TOKENS}")
-    gaps = steady_gaps(runs)
+    return runs
+
+
+def _tpot_ms(url: str, prompt: list[int], params: dict | None, concurrency: int) -> float:
+    gaps = steady_gaps(_stream_together(url, prompt, params, concurrency))
     if len(gaps) < concurrency * 4:
         raise RuntimeError(f"only {len(gaps)} steady-state gaps at concurrency {concurrency}: raise MAX_TOKENS")
     return statistics.mean(gaps) * 1e3
 
 
 def _measure(url: str, prompt: list[int], params: dict | None, repeats: int, log) -> dict[str, float]:
-    _tpot_ms(url, prompt, params, 1)  # warm-up
     figures = {}
     for c in CONCURRENCY:
+        _stream_together(url, prompt, params, c)  # warm-up: the first batch of a new size runs slower
         figures[str(c)] = statistics.median(_tpot_ms(url, prompt, params, c) for _ in range(repeats))
         log(f"  {c} at once: TPOT {figures[str(c)]:.2f} ms")
     return figures

@@ -95,7 +95,8 @@ def _fail(msg: str) -> None:
 
 
 class Tensor(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """A dense little-endian C-order array: ``dtype`` in ``WIRE_DTYPES``, ``shape``, raw ``data``."""
+    """A dense little-endian C-order array: ``dtype`` in ``WIRE_DTYPES``, ``shape``, raw ``data`` (``bytes`` when
+    decoded; a view of the source array when built by ``to_wire``)."""
 
     dtype: str
     shape: Shape
@@ -121,8 +122,14 @@ class Tensor(msgspec.Struct, frozen=True, array_like=True, gc=False):
         return f"Tensor({self.dtype}, {self.shape}, {len(self.data)} B)"
 
 
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, as a view (no copy)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
-    """numpy array or torch tensor -> ``Tensor`` (one copy to bytes).
+    """numpy array or torch tensor -> ``Tensor``. A contiguous CPU input is not copied: the ``Tensor`` views its
+    memory until ``encode`` copies it into the message, so encode before changing ``x``.
 
     ``bfloat16_bits=True`` sends a uint16 numpy array (as ``from_wire`` returns it) as bfloat16.
     """
@@ -130,10 +137,10 @@ def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
     if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu().contiguous()  # each a no-op for a contiguous CPU tensor
         if x.dtype == torch.bfloat16:
-            return Tensor("bfloat16", tuple(x.shape), x.view(torch.int16).numpy().tobytes())
+            return Tensor("bfloat16", tuple(x.shape), _bytes_of(x.view(torch.int16).numpy()))
         name = _torch_wire_names(torch).get(x.dtype)
         if name is not None and sys.byteorder == "little":
-            return Tensor(name, tuple(x.shape), x.numpy().tobytes())  # hot path: host order is the wire's
+            return Tensor(name, tuple(x.shape), _bytes_of(x.numpy()))  # hot path: host order is the wire's
         x = x.numpy()
     if isinstance(x, np.generic):  # a numpy scalar is a 0-d array
         x = np.asarray(x)
@@ -146,7 +153,7 @@ def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
         name = "bfloat16"
     if name not in WIRE_DTYPES:
         raise WireError(f"array dtype {name!r} is not one of {sorted(WIRE_DTYPES)}")
-    data = np.ascontiguousarray(x, dtype=_NUMPY_DTYPES[name]).tobytes()
+    data = _bytes_of(np.ascontiguousarray(x, dtype=_NUMPY_DTYPES[name]))
     return Tensor(name, tuple(int(d) for d in x.shape), data)
 
 

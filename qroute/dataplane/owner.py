@@ -148,8 +148,11 @@ class OwnerService:
         """One attention over the stacked query rows of routes with the same corpus, layer and blocks."""
         first = members[0][1]
         shard = self.shards[first.corpus]
-        q_nope = torch.cat([wire.as_torch(req.q_nope) for _, req in members])
-        q_pe = torch.cat([wire.as_torch(req.q_pe) for _, req in members])
+        if len(members) == 1:
+            q_nope, q_pe = wire.as_torch(first.q_nope), wire.as_torch(first.q_pe)
+        else:
+            q_nope = torch.cat([wire.as_torch(req.q_nope) for _, req in members])
+            q_pe = torch.cat([wire.as_torch(req.q_pe) for _, req in members])
         out, lse = shard.format.attend(q_nope, q_pe, shard.layers[first.layer], shard.slots(first.block_ids),
                                        self.params.scale)  # fmt: skip
         replies, row = [], 0
