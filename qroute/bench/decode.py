@@ -32,14 +32,14 @@ QUESTION = "Which function opens a connection, and what does it return?"
 ON_CORPUS = {"qroute": {"corpus": "corpus"}}
 
 
-def _stream_stamps(url: str, prompt: list[int], params: dict | None, stamps: list[float]) -> None:
-    """Arrival times of a streamed greedy completion's tokens, appended to ``stamps``."""
-    from openai import OpenAI
-
+def _stream_stamps(client, prompt: list[int], params: dict | None, start: threading.Barrier,
+                   stamps: list[float]) -> None:
+    """Arrival times of a streamed greedy completion's tokens, appended to ``stamps``; sent once every request's
+    thread is at ``start``."""
     extra: dict[str, Any] = {"min_tokens": MAX_TOKENS, "ignore_eos": True}
     if params:
         extra["kv_transfer_params"] = params
-    client = OpenAI(base_url=url, api_key="qroute-bench")
+    start.wait()
     stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                        stream=True, extra_body=extra)  # fmt: skip
     for chunk in stream:
@@ -57,8 +57,14 @@ def steady_gaps(runs: list[list[float]]) -> list[float]:
 
 def _stream_together(url: str, prompt: list[int], params: dict | None, concurrency: int) -> list[list[float]]:
     """``concurrency`` streamed completions started together: each one's token arrival times."""
+    from openai import OpenAI
+
+    # Clients are made first and the requests released together: making a client takes tens of milliseconds of
+    # CPU, which would otherwise stagger the requests' starts by more than a request lasts.
+    clients = [OpenAI(base_url=url, api_key="qroute-bench") for _ in range(concurrency)]
+    start = threading.Barrier(concurrency)
     runs: list[list[float]] = [[] for _ in range(concurrency)]
-    threads = [threading.Thread(target=_stream_stamps, args=(url, prompt, params, runs[k]))
+    threads = [threading.Thread(target=_stream_stamps, args=(clients[k], prompt, params, start, runs[k]))
                for k in range(concurrency)]  # fmt: skip
     for thread in threads:
         thread.start()
