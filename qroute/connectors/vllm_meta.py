@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
+from qroute.core.config import Selection
+
 __all__ = ["COUNTERS", "QRouteStepMeta", "QRouteWorkerMeta", "RequestStep", "computed_block", "first_slot", "map_rows"]
 
 # Per request and step: owner-layer operations by kind, bytes moved for it (its rows' share of a shared message),
@@ -38,7 +40,8 @@ class RequestStep:
     ``first_pos - 1``), None on its first step or when failures are not reported (``kv_load_failure_policy``
     "recompute"). ``failed``: the request's corpus attention already failed; the worker only reports
     ``computed_block`` as a load error, which makes vLLM finish the request with FINISHED_ERROR.
-    ``owner_modes``: (owner, mode) pairs deciding that owner's blocks instead of ``mode``.
+    ``owner_modes``: (owner, mode) pairs deciding that owner's blocks instead of ``mode``. ``selection``: which
+    corpus blocks it attends to (a corpus prefill always attends densely: its rows must be exact).
     """
 
     req_id: str
@@ -51,6 +54,7 @@ class RequestStep:
     computed_block: int | None = None
     failed: bool = False
     owner_modes: tuple[tuple[str, str], ...] = ()  # the request's per-owner overrides of ``mode``
+    selection: Selection = Selection()
 
 
 @dataclass

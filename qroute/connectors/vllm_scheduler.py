@@ -35,7 +35,7 @@ from qroute.connectors.vllm_meta import (
     computed_block,
     first_slot,
 )
-from qroute.core.config import QRouteConfig, parse_request_params
+from qroute.core.config import QRouteConfig, Selection, parse_request_params
 from qroute.core.placement import CorpusDirectory
 from qroute.errors import ConfigError
 
@@ -55,6 +55,7 @@ class RequestState:
     mode: str
     prefill_chunk: int | None = None
     owner_modes: tuple[tuple[str, str], ...] = ()
+    selection: Selection = Selection()
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # what request_finished returns under "qroute"
 
@@ -98,15 +99,20 @@ class QRouteSchedulerSide:
         state = RequestState(corpus=d.name, mode=self.config.mode)
         try:
             params = parse_request_params(raw, default_corpus=d.name, default_mode=self.config.mode,
-                                          known_corpora=(d.name,), known_instances=d.instances)  # fmt: skip
+                                          known_corpora=(d.name,), known_instances=d.instances,
+                                          default_selection=self.config.selection)  # fmt: skip
         except ConfigError as exc:
             if isinstance(raw, dict):  # report what the request asked for
                 state.corpus, state.mode = raw.get("corpus", d.name), raw.get("mode") or self.config.mode
             return self._refuse(state, str(exc))
         state.corpus, state.mode, state.owner_modes = params.corpus, params.mode, params.owner_modes
+        state.selection = params.selection
         state.summary = {"corpus": state.corpus, "mode": state.mode, **dict.fromkeys(COUNTERS, 0)}
         if state.owner_modes:
             state.summary["owner_modes"] = dict(state.owner_modes)
+        if not state.selection.dense:
+            state.summary["selection"] = {"selector": state.selection.selector, "topk": state.selection.topk,
+                                          "window": state.selection.window}  # fmt: skip
         if state.corpus is None or params.prefill_chunk is None:
             return state
         state.prefill_chunk = params.prefill_chunk
@@ -168,13 +174,16 @@ class QRouteSchedulerSide:
                                                   computed_block=block, failed=True)  # fmt: skip
             return
         d = self.directory
+        selection = state.selection
         if state.prefill_chunk is None:
             visible, shift, store = d.num_tokens, d.num_tokens, None
         else:
             start = d.chunks[state.prefill_chunk].start
             visible, shift, store = start, start, state.prefill_chunk
+            selection = Selection()  # a corpus prefill attends densely: the rows it stores must be exact
         meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, visible, shift, num_computed, store,
-                                          computed_block=block, owner_modes=state.owner_modes)  # fmt: skip
+                                          computed_block=block, owner_modes=state.owner_modes,
+                                          selection=selection)  # fmt: skip
 
     def update_connector_output(self, worker_meta: object) -> None:
         if not isinstance(worker_meta, QRouteWorkerMeta):

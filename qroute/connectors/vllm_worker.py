@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
-from qroute.core.config import QRouteConfig
+from qroute.core.config import QRouteConfig, Selection
 from qroute.core.costmodel import Decision, load_fabric
 from qroute.core.geometry import geometry_from_config, load_config
 from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.router import Router, RouterConfig, StepPlan
+from qroute.dataplane.selection import BlockSummaries, read_peer_summaries, summary_top_k
 from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
 from qroute.errors import ConfigError, QRouteError
 from qroute.numerics.attention import AttentionParams, Part
@@ -59,7 +60,7 @@ class RequestRun:
     start: int  # first query row in the batch
     stop: int
     shift: PositionShift  # own positions -> shift + own positions
-    attends: tuple | None = None  # what it attends to, (before_token, mode, owner_modes); None: no corpus
+    attends: tuple | None = None  # what it attends to, (before_token, mode, owner_modes, selection); None: none
     store_rows: torch.Tensor | None = None  # shard rows of the first len(store_rows) query rows
     error: str | None = None
 
@@ -73,7 +74,11 @@ class StepGroup:
     rows: slice | torch.Tensor  # their rows of the batch, in order (a slice where they are adjacent)
     num_rows: int
     shift: PositionShift  # every member's shift, stacked
-    plan: StepPlan
+    plan: StepPlan  # every visible block (dense); a selecting group plans its selected blocks per layer
+    selection: Selection = Selection()
+    mode: str = "auto"
+    owner_modes: tuple[tuple[str, str], ...] = ()
+    visible_blocks: int = 0
     error: str | None = None
 
 
@@ -104,6 +109,7 @@ class QRouteWorkerSide:
         self.shard: CorpusShard | None = None
         self.router: Router | None = None
         self.links: OwnerLinks | None = None
+        self.summaries: list[BlockSummaries] | None = None  # per layer, every corpus block (selector "summary")
         self.layer_index: dict[str, int] = {}
         self._runs: dict[int, RequestRun] = {}  # first row -> run
         self._groups: list[StepGroup] = []
@@ -133,7 +139,10 @@ class QRouteWorkerSide:
         num_rows = sum(count for _, count in block_rows.values())
         layers = [torch.zeros(num_rows, self.width, dtype=self.store_dtype) for _ in range(num_layers)]
         fmt = row_format(self.store_dtype, self.params.kv_lora_rank, self.width - self.params.kv_lora_rank)
-        self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows, fmt)
+        if self.config.selector == "summary":  # every block's key bounds, for selection (its own and its peers')
+            self.summaries = [BlockSummaries(self.directory.num_blocks, self.width) for _ in range(num_layers)]
+        self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows, fmt,
+                                 summaries=[s.table for s in self.summaries] if self.summaries else None)
         fingerprint = self.directory.model_fingerprint
         service = OwnerService({self.directory.name: self.shard}, self.params, instance_id=self.config.instance_id,
                                model_fingerprint=fingerprint, secret=self.secret)  # fmt: skip
@@ -198,12 +207,12 @@ class QRouteWorkerSide:
                             f"{not_ready[:8]} are not prefilled (send prefill_chunk requests first)")  # fmt: skip
         elif step.visible_tokens > 0:
             before = None if step.visible_tokens >= d.num_tokens else step.visible_tokens
-            run.attends = (before, step.mode, step.owner_modes)
+            run.attends = (before, step.mode, step.owner_modes, step.selection)
         return run
 
     def _plan_group(self, attends: tuple, runs: list[RequestRun]) -> StepGroup | None:
         """Decide once for every row of ``runs`` (the predicate sees them all) and wait for the owners it needs."""
-        before, mode, owner_modes = attends
+        before, mode, owner_modes, selection = attends
         num_rows = sum(run.stop - run.start for run in runs)
         try:
             plan = self.router.plan(num_rows, before_token=before, mode=mode, owner_modes=dict(owner_modes))
@@ -219,8 +228,32 @@ class QRouteWorkerSide:
             if peer is not None and not peer.alive:  # failed recently: get a fresh connection
                 self.links.reconnect(owner)
         self.links.wait_for(remote, PEER_WAIT_FACTOR * self.config.timeout_s)  # the router falls back/fails
+        visible = sum(len(p.block_ids) for p in plan.parts)
+        error = None if selection.dense else self._selection_error(selection, visible)
+        if error is not None:
+            for run in runs:
+                self._fail(run, error)
+            return None
         shift = runs[0].shift if len(runs) == 1 else PositionShift.cat([run.shift for run in runs])
-        return StepGroup(runs, _batch_rows(runs), num_rows, shift, plan)
+        return StepGroup(runs, _batch_rows(runs), num_rows, shift, plan, selection, mode, owner_modes, visible)
+
+    def _selection_error(self, selection: Selection, visible: int) -> str | None:
+        """Why ``selection`` cannot run here, if it cannot: the summaries of the first ``visible`` blocks must all be
+        known (this instance's from its store, the others' read from their owners)."""
+        if selection.selector == "indexer":
+            return ("selector 'indexer' needs DeepSeek-V3.2's DSA indexer output, which vLLM's CPU platform does not "
+                    "produce; use 'summary' or 'dense'")
+        if self.summaries is None:
+            return (f"instance {self.config.instance_id!r} keeps no block summaries: start it with selector "
+                    "'summary' in kv_connector_extra_config to serve summary-selecting requests")
+        missing = (~self.summaries[0].ready[:visible]).nonzero().flatten().tolist()
+        if missing:
+            read_peer_summaries(self.summaries, self.router.peers, self.directory, missing, self.config.timeout_s)
+            missing = (~self.summaries[0].ready[:visible]).nonzero().flatten().tolist()
+        if missing:
+            return (f"corpus {self.directory.name!r}: the summaries of blocks {missing[:8]} are not known yet (their "
+                    "owners have not stored them): selection would be wrong")
+        return None
 
     def _shard_rows(self, positions: torch.Tensor) -> torch.Tensor:
         rows = self.shard.block_rows
@@ -241,6 +274,9 @@ class QRouteWorkerSide:
         for group in self._groups:
             if group.error is not None:
                 continue
+            if not group.selection.dense:
+                self._attend_selected(layer, group, q_nope, q_pe, out, lse)
+                continue
             rows = group.rows
             before = self.router.stats.values(_ROUTER_COUNTERS)
             try:
@@ -252,19 +288,50 @@ class QRouteWorkerSide:
                     self._fail(run, group.error)
                 continue
             finally:
-                self._count(group, before)
+                self._count(group.runs, group.num_rows, before)
             out[rows], lse[rows] = part
         return out, lse
 
-    def _count(self, group: StepGroup, before: list[int]) -> None:
-        """Each member's share of the group's operations: every operation is also its own (its rows were in
-        it); bytes are split by rows; ``shared`` counts the operations it shared with other requests."""
+    def _attend_selected(self, layer: int, group: StepGroup, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor) -> None:
+        """A selecting group: each member picks its blocks of this layer from its own queries; the members that
+        picked the same blocks share one router run (one message per owner)."""
+        q_pe_moved = group.shift(q_pe[group.rows])  # the group's rows, in member order, at corpus positions
+        by_blocks: dict[tuple[int, ...], list[tuple[RequestRun, slice]]] = {}
+        offset = 0
+        sel = group.selection
+        for run in group.runs:
+            mine = slice(offset, offset + run.stop - run.start)
+            offset = mine.stop
+            bounds = self.summaries[layer].bounds(q_nope[run.start:run.stop], q_pe_moved[mine], group.visible_blocks)
+            by_blocks.setdefault(summary_top_k(bounds, sel.topk, window=sel.window), []).append((run, mine))
+        for block_ids, members in by_blocks.items():
+            runs = [run for run, _ in members]
+            rows = torch.cat([torch.arange(run.start, run.stop) for run in runs])
+            local_rows = torch.cat([torch.arange(m.start, m.stop) for _, m in members])
+            before = self.router.stats.values(_ROUTER_COUNTERS)
+            try:
+                plan = self.router.plan(len(rows), block_ids=block_ids, mode=group.mode,
+                                        owner_modes=dict(group.owner_modes))  # fmt: skip
+                part = self.router.run(layer, q_nope[rows], q_pe_moved[local_rows], plan, own=(out[rows], lse[rows]))
+            except QRouteError as exc:
+                for run in runs:
+                    self._fail(run, str(exc))
+                group.error = str(exc)  # a member failed: later layers would attend without it
+                continue
+            finally:
+                self._count(runs, len(rows), before)
+            out[rows], lse[rows] = part
+
+    def _count(self, runs: list[RequestRun], num_rows: int, before: list[int]) -> None:
+        """Each member's share of operations run for ``runs`` together: every operation is also its own (its rows
+        were in it); bytes are split by rows; ``shared`` counts the operations it shared with other requests."""
         route, fetch, local, moved = (a - b for a, b in zip(self.router.stats.values(_ROUTER_COUNTERS), before,
                                                             strict=True))  # fmt: skip
-        shared = route + fetch + local if len(group.runs) > 1 else 0
+        shared = route + fetch + local if len(runs) > 1 else 0
         done = 0  # rows counted so far: the shares are differences of a running split, so they add up to `moved`
-        for run in group.runs:
-            share = moved * (done + run.stop - run.start) // group.num_rows - moved * done // group.num_rows
+        for run in runs:
+            share = moved * (done + run.stop - run.start) // num_rows - moved * done // num_rows
             done += run.stop - run.start
             self._report.add(run.step.req_id, [route, fetch, local, share, shared])
 
@@ -291,11 +358,23 @@ class QRouteWorkerSide:
         chunk = d.chunk(step.store_chunk)
         if len(done) == self.geometry.num_layers and step.first_pos + num == chunk.end - chunk.start:
             del self._stored_layers[step.req_id]
+            self._summarise(chunk)
             self._stored_chunks.add(step.store_chunk)
             self._report.stored[step.req_id] = step.store_chunk
             logger.info("qroute: stored chunk %d of %d (corpus %s)", step.store_chunk, len(d.chunks), d.name)
         elif len(done) == self.geometry.num_layers:
             del self._stored_layers[step.req_id]  # a partial step (chunked prefill): the rest comes later
+
+    def _summarise(self, chunk) -> None:
+        """Key bounds of a stored chunk's blocks, every layer (selector "summary")."""
+        if self.summaries is None:
+            return
+        d, shard = self.directory, self.shard
+        blocks = range(chunk.start // d.block_size, -(-chunk.end // d.block_size))
+        for layer, summaries in enumerate(self.summaries):
+            rows = [shard.format.decode(shard.layers[layer][row:row + count])
+                    for row, count in (shard.block_rows[b] for b in blocks)]  # fmt: skip
+            summaries.add(blocks, rows)
 
     def _fail(self, run: RequestRun, error: str) -> None:
         run.error = error

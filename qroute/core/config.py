@@ -13,6 +13,9 @@ keys win over the file's):
   "loopback-tcp" / "loopback-nixl" by transport); ``mode`` ("auto" | "route" | "fetch" | "local").
 - ``secret_env`` (name of the env var holding the shared secret, default "QROUTE_SECRET"; the secret
   itself never goes into a config); ``timeout_s`` (2.0); ``cache_bytes`` (0: no cache of fetched blocks).
+- ``selector`` ("dense" | "summary" | "indexer", default "dense"), ``topk`` (blocks per layer, for "summary"),
+  ``window`` (most recent corpus blocks always attended, default 0): which corpus blocks a request attends to
+  (``qroute.dataplane.selection``); a request may override them in ``kv_transfer_params.qroute``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ __all__ = [
     "Mode",
     "QRouteConfig",
     "RequestParams",
+    "SELECTORS",
+    "Selection",
     "corpus_names_from_argv",
     "load_directory",
     "parse_request_params",
@@ -63,7 +68,33 @@ COMPARED_MODES = (Mode.ROUTE, Mode.FETCH, Mode.AUTO)  # what `qroute check` and 
 TRANSPORTS = ("tcp", "nixl")
 CORPORA_ENV = "QROUTE_CORPORA"  # comma-separated corpus names, for the API server's validator
 _KEYS = {"instance_id", "instances", "corpus", "transport", "fabric", "mode", "secret_env", "timeout_s",
-         "cache_bytes", "config_file"}  # fmt: skip
+         "cache_bytes", "config_file", "selector", "topk", "window"}  # fmt: skip
+SELECTORS = ("dense", "summary", "indexer")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which corpus blocks a request attends to (``qroute.dataplane.selection``): ``selector`` (every block,
+    ``dense``; the ``topk`` blocks of highest key bound per layer, ``summary``; DSA's indexer output, ``indexer``)
+    and ``window``, the most recent corpus blocks always included."""
+
+    selector: str = "dense"
+    topk: int = 0
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"selector {self.selector!r} is not one of {', '.join(SELECTORS)}")
+        for name in ("topk", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+        if self.selector == "summary" and self.topk < 1:
+            raise ConfigError(f"selector 'summary' needs topk >= 1 blocks, got {self.topk}")
+
+    @property
+    def dense(self) -> bool:
+        return self.selector == "dense"
 _CORPUS_KEYS = {"name", "path", "replicas", "blocks_per_chunk"}
 
 
@@ -100,6 +131,9 @@ class QRouteConfig:
     secret_env: str = "QROUTE_SECRET"
     timeout_s: float = 2.0
     cache_bytes: int = 0
+    selector: str = "dense"
+    topk: int = 0
+    window: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.instances, Mapping) or not self.instances:
@@ -126,6 +160,10 @@ class QRouteConfig:
             raise ConfigError(f"{_where('timeout_s')} must be a positive number of seconds, got {self.timeout_s!r}")
         if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
             raise ConfigError(f"{_where('cache_bytes')} must be an int >= 0, got {self.cache_bytes!r}")
+        try:
+            Selection(self.selector, self.topk, self.window)
+        except ConfigError as exc:
+            raise ConfigError(f"kv_connector_extra_config: {exc}") from None
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -161,6 +199,11 @@ class QRouteConfig:
     def instance_ids(self) -> tuple[str, ...]:
         """Every instance, sorted: the placement's instance order on every instance."""
         return tuple(sorted(self.instances))
+
+    @property
+    def selection(self) -> Selection:
+        """The configured default selection."""
+        return Selection(self.selector, self.topk, self.window)
 
     @property
     def fabric_name(self) -> str:
@@ -214,15 +257,18 @@ class RequestParams:
     mode: str
     prefill_chunk: int | None = None
     owner_modes: tuple[tuple[str, str], ...] = ()  # (owner instance, mode) pairs that override ``mode``
+    selection: Selection = Selection()
 
 
 def parse_request_params(params: object, *, default_corpus: str | None, default_mode: str,
                          known_corpora: Collection[str] | None,
-                         known_instances: Collection[str] | None = None) -> RequestParams:
+                         known_instances: Collection[str] | None = None,
+                         default_selection: Selection = Selection()) -> RequestParams:
     """Validate a request's ``kv_transfer_params.qroute`` (keys missing: the defaults); raises ``ConfigError``
     naming the field. ``known_corpora`` / ``known_instances`` None accept any corpus name / owner id.
     ``"corpus": null`` opts out of corpus attention. ``"owner_modes": {"i2": "fetch"}`` decides the blocks an owner
-    holds (its replicas' too) by that mode instead of ``mode``: auto, route or fetch."""
+    holds (its replicas' too) by that mode instead of ``mode``: auto, route or fetch. ``selector``, ``topk`` and
+    ``window`` override ``default_selection`` (``Selection``)."""
     if not isinstance(params, Mapping):
         raise ConfigError(f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
     corpus = params.get("corpus", default_corpus)
@@ -236,7 +282,14 @@ def parse_request_params(params: object, *, default_corpus: str | None, default_
     chunk = params.get("prefill_chunk")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
         raise ConfigError(f"kv_transfer_params.qroute.prefill_chunk must be an int >= 0, got {chunk!r}")
-    return RequestParams(corpus, str(mode), chunk, _owner_modes(params.get("owner_modes"), known_instances))
+    d = default_selection
+    try:
+        selection = Selection(params.get("selector", d.selector), params.get("topk", d.topk),
+                              params.get("window", d.window))  # fmt: skip
+    except ConfigError as exc:
+        raise ConfigError(f"kv_transfer_params.qroute: {exc}") from None
+    owner_modes = _owner_modes(params.get("owner_modes"), known_instances)
+    return RequestParams(corpus, str(mode), chunk, owner_modes, selection)
 
 
 OWNER_MODES = (Mode.AUTO, Mode.ROUTE, Mode.FETCH)  # 'local' is not a choice for blocks another instance owns

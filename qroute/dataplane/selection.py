@@ -10,6 +10,9 @@
   (DSA's local window). Per request, not per row: a decode request has one row anyway, and a request's rows then
   share one selection and so one message per owner. Deterministic: ties go to the lower block id, so every
   instance holding the same summaries picks the same blocks for the same query.
+- ``read_peer_summaries``: the summaries of blocks another instance holds, read one-sidedly from an owner's
+  summary regions: every instance knows every block's bounds, so it picks the owners of its top-k without asking
+  anyone per step.
 - ``indexer_blocks``: DSA's ``topk_indices`` rows (request-local logical token positions, -1 padding) mapped to
   the corpus blocks they fall in; positions past the corpus are the request's own tokens, which its own part
   always attends to.
@@ -19,65 +22,53 @@ Selection only narrows the corpus part; the own part is always whole.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-from qroute.errors import ConfigError
+from qroute.core.config import SELECTORS, Selection
+from qroute.core.placement import CorpusDirectory
+from qroute.dataplane.shard import byte_ranges, summary_region_name
+from qroute.errors import ConfigError, TransportError
 
-__all__ = ["SELECTORS", "BlockSummaries", "Selection", "indexer_blocks", "summary_top_k"]
-
-SELECTORS = ("dense", "summary", "indexer")
-
-
-@dataclass(frozen=True)
-class Selection:
-    """How a request selects its corpus blocks: ``selector`` (one of ``SELECTORS``), ``topk`` blocks per layer
-    (``summary``), and ``window`` most recent corpus blocks always included."""
-
-    selector: str = "dense"
-    topk: int = 0
-    window: int = 0
-
-    def __post_init__(self) -> None:
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"selector {self.selector!r} is not one of {SELECTORS}")
-        if self.selector == "summary" and self.topk < 1:
-            raise ConfigError(f"selector 'summary' needs topk >= 1 blocks, got {self.topk}")
-        if self.topk < 0 or self.window < 0:
-            raise ConfigError(f"topk and window must be >= 0, got topk={self.topk} window={self.window}")
-
-    @property
-    def dense(self) -> bool:
-        return self.selector == "dense"
+__all__ = ["SELECTORS", "BlockSummaries", "Selection", "indexer_blocks", "read_peer_summaries", "summary_top_k"]
 
 
 class BlockSummaries:
-    """Per-block key bounds of one layer: ``low``/``high`` ``[num_blocks, width]`` float32. A block not summarised
-    yet has ``low = +inf``, ``high = -inf`` (``ready`` is False for it)."""
+    """Per-block key bounds of one layer, one ``table [num_blocks, 2, width]`` float32 (``[:, 0]`` the element-wise
+    min of the block's rows, ``[:, 1]`` the max): an owner's transport exposes it as a region, so that requesters
+    read the summaries of the blocks they do not hold. A block not summarised yet is ``+inf`` / ``-inf``."""
 
     def __init__(self, num_blocks: int, width: int):
-        self.low = torch.full((num_blocks, width), float("inf"))
-        self.high = torch.full((num_blocks, width), float("-inf"))
+        self.table = torch.empty(num_blocks, 2, width)
+        self.table[:, 0] = float("inf")
+        self.table[:, 1] = float("-inf")
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one block's summary in ``table``."""
+        return self.table[0].numel() * self.table.element_size()
 
     @property
     def ready(self) -> torch.Tensor:
         """``[num_blocks]`` bool: the blocks whose rows have been summarised."""
-        return (self.low <= self.high).all(dim=1)
+        return (self.table[:, 0] <= self.table[:, 1]).all(dim=1)
 
     def add(self, block_ids: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
         """Summarise blocks from their latent rows (each ``[tokens of the block, width]``)."""
         for block_id, block_rows in zip(block_ids, rows, strict=True):
             block_rows = block_rows.float()
-            self.low[block_id] = block_rows.amin(dim=0)
-            self.high[block_id] = block_rows.amax(dim=0)
+            self.table[block_id, 0] = block_rows.amin(dim=0)
+            self.table[block_id, 1] = block_rows.amax(dim=0)
 
     def bounds(self, q_nope: torch.Tensor, q_pe: torch.Tensor, num_blocks: int) -> torch.Tensor:
         """``[num_blocks]`` float32: each of the first ``num_blocks`` blocks' upper bound on ``q . k`` over every
         row and head of ``q_nope [T, H, R]`` / ``q_pe [T, H, P]`` (roped at corpus positions)."""
-        q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).reshape(-1, self.low.shape[1])  # [T*H, W]
-        low, high = self.low[:num_blocks], self.high[:num_blocks]
+        width = self.table.shape[2]
+        q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).reshape(-1, width)  # [T*H, W]
+        low, high = self.table[:num_blocks, 0], self.table[:num_blocks, 1]
         return (q.clamp_min(0) @ high.T + q.clamp_max(0) @ low.T).amax(dim=0)
 
 
@@ -101,3 +92,31 @@ def indexer_blocks(indices: torch.Tensor, corpus_tokens: int, block_size: int) -
     flat = indices.reshape(-1).long()
     flat = flat[(flat >= 0) & (flat < corpus_tokens)]
     return tuple(torch.unique(flat // block_size).tolist())
+
+
+def read_peer_summaries(summaries: Sequence[BlockSummaries], peers: Mapping[str, Any], directory: CorpusDirectory,
+                        block_ids: Sequence[int], timeout_s: float) -> None:
+    """Fill ``block_ids``' summaries (every layer) with one-sided reads of an owner's summary regions, trying each
+    replica in turn (``peers``: instance id -> router ``Peer``). A block whose owners are unreachable, or have not
+    summarised it yet (it reads back as not ready), stays not ready."""
+    by_owners: dict[tuple[str, ...], list[int]] = {}
+    for block_id in block_ids:
+        by_owners.setdefault(directory.chunk_for_block(block_id).owners, []).append(block_id)
+    row_bytes = summaries[0].row_bytes
+    for owners, blocks in by_owners.items():
+        ranges = byte_ranges({b: (b, 1) for b in blocks}, blocks, row_bytes)  # a block's summary is one row
+        for owner in owners:
+            peer = peers.get(owner)
+            if peer is None:
+                continue
+            try:
+                tables = []
+                for layer in range(len(summaries)):
+                    out = np.empty(len(blocks) * row_bytes, np.uint8)
+                    peer.connection.read(summary_region_name(directory.name, layer), ranges, out, timeout_s)
+                    tables.append(torch.from_numpy(out).view(torch.float32).view(len(blocks), 2, -1))
+            except (TransportError, ConnectionError, ConfigError):
+                continue
+            for layer, table in enumerate(tables):
+                summaries[layer].table[blocks] = table
+            break

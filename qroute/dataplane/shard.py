@@ -57,6 +57,11 @@ def region_name(corpus: str, layer: int) -> str:
     return f"{corpus}/layer{layer}"
 
 
+def summary_region_name(corpus: str, layer: int) -> str:
+    """Name of the transport region holding one layer's block summaries (``selection.BlockSummaries``)."""
+    return f"{corpus}/summary{layer}"
+
+
 def byte_ranges(block_rows: BlockRows, block_ids: Sequence[int], row_bytes: int) -> list[tuple[int, int]]:
     """(offset, length) byte ranges of ``block_ids``' rows in one layer's region, adjacent ones merged."""
     ranges: list[tuple[int, int]] = []
@@ -88,6 +93,8 @@ class CorpusShard:
     layers: list[torch.Tensor]  # per layer [num_rows, format.storage_width] of format.storage_dtype, contiguous
     block_rows: BlockRows
     format: RowFormat
+    # per layer [num_blocks, 2, width] float32: every corpus block's key bounds (selection), exposed as regions
+    summaries: list[torch.Tensor] | None = None
     _slots_kept: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -146,7 +153,10 @@ class CorpusShard:
         return torch.from_numpy(np.arange(ends[-1]) + np.repeat(starts - (ends - counts), counts))
 
     def regions(self) -> dict[str, torch.Tensor]:
-        return {region_name(self.directory.name, layer): rows for layer, rows in enumerate(self.layers)}
+        regions = {region_name(self.directory.name, layer): rows for layer, rows in enumerate(self.layers)}
+        for layer, table in enumerate(self.summaries or ()):
+            regions[summary_region_name(self.directory.name, layer)] = table
+        return regions
 
     @property
     def nbytes(self) -> int:

@@ -10,6 +10,11 @@ several requests share each engine step). Reported per instance and mode: whethe
 identical, the largest |delta logprob| of the generated and of the question's prompt tokens, and the
 owner-layer operations by kind against the exact expected numbers (layers x steps x owner groups). A
 negative control asks the same question without the corpus, which must fail the comparison.
+
+With ``--selector summary --topk K`` every request attends only to its top-K corpus blocks per layer. K at least
+the corpus's blocks is the dense answer, so the stock instance stays the reference; for a smaller K the reference
+is one qroute instance holding the whole corpus and selecting the same way (stock vLLM cannot select), and each
+run's operations must be at most the dense count (it attended to fewer owners, never to more).
 """
 
 from __future__ import annotations
@@ -95,6 +100,25 @@ def _counts_ok(mode: str, counts: dict[str, int], expected: dict[str, int]) -> b
     return remote_ok and counts["local"] == expected["local"] and "error" not in counts
 
 
+def _selected_counts_ok(counts: dict[str, int], dense: dict[str, int], layer_steps: int) -> bool:
+    """A selecting run attends to at most the owners a dense one does, and to some corpus every layer and step."""
+    total = counts["route"] + counts["fetch"] + counts["local"]
+    return "error" not in counts and layer_steps <= total <= dense["local"] + dense["remote"]
+
+
+def selecting_reference(model_dir: Path, corpus_dir: Path, prompt: list[int], max_tokens: int, selection: dict,
+                        *, base_port: int, blocks_per_chunk: int, log=print) -> list[dict[str, Any]]:
+    """The answer of one qroute instance holding the whole corpus, selecting blocks as ``selection`` says."""
+    spec = ClusterSpec(model_dir=model_dir, corpus_dir=corpus_dir, num_instances=1, base_port=base_port,
+                       blocks_per_chunk=blocks_per_chunk, **selection)  # fmt: skip
+    state = start_cluster(spec, log=log)
+    try:
+        return [greedy_completion(state.instances[0].url, prompt, max_tokens,
+                                  {"qroute": {"corpus": "corpus", **selection}})]  # fmt: skip
+    finally:
+        stop_cluster(state)
+
+
 def mixed_owner_modes(directory, instance: str) -> dict[str, str]:
     """Owner modes under which ``instance`` routes to one peer and fetches from the others (``owner_modes``)."""
     peers = sorted(set(directory.instances) - {instance})
@@ -111,6 +135,8 @@ def run_check(
     question: str = QUESTION,
     base_port: int = 8300,
     transport: str = "tcp",
+    selector: str = "dense",
+    topk: int = 0,
     log=print,
 ) -> dict[str, Any]:
     from qroute.core.corpus import place_model_corpus
@@ -124,27 +150,35 @@ def run_check(
     prompt = question_ids(model_dir, question)
     num_layers = int(load_config(model_dir)["num_hidden_layers"])
 
+    selecting = selector != "dense" and topk < directory.num_blocks
+    selection = {"selector": selector, "topk": topk} if selector != "dense" else {}
     log(f"qroute check: corpus {len(corpus_ids)} tokens, question {len(prompt)} tokens; reference instance")
-    [reference] = reference_answers(model_dir, corpus_ids, [prompt], max_tokens, base_port=base_port, log=log)
+    if selecting:  # one qroute instance holding the whole corpus, selecting the same blocks
+        [reference] = selecting_reference(model_dir, corpus_dir, prompt, max_tokens, selection, base_port=base_port,
+                                          blocks_per_chunk=blocks_per_chunk, log=log)  # fmt: skip
+    else:
+        [reference] = reference_answers(model_dir, corpus_ids, [prompt], max_tokens, base_port=base_port, log=log)
 
     log(f"qroute check: {num_instances} qroute instances, {len(directory.chunks)} chunks of "
         f"{directory.chunk_tokens} tokens")  # fmt: skip
     spec = ClusterSpec(model_dir=model_dir, corpus_dir=corpus_dir, num_instances=num_instances, base_port=base_port,
-                       transport=transport, blocks_per_chunk=blocks_per_chunk)  # fmt: skip
+                       transport=transport, blocks_per_chunk=blocks_per_chunk, selector=selector,
+                       topk=topk)  # fmt: skip
     state = start_cluster(spec, log=log)
     report: dict[str, Any] = {
         "corpus_tokens": len(corpus_ids), "question_tokens": len(prompt), "instances": num_instances,
-        "transport": transport, "chunks": len(directory.chunks),
+        "transport": transport, "chunks": len(directory.chunks), "selection": selection or "dense",
+        "reference_kind": "one qroute instance, same selection" if selecting else "stock instance",
         "chunks_per_instance": {i: len(directory.chunks_of(i)) for i in ids},
         "reference": reference, "runs": {},
     }  # fmt: skip
     try:
         urls = {info.instance_id: info.url for info in state.instances}
-        jobs = {(i, str(mode)): (urls[i], {"qroute": {"corpus": "corpus", "mode": str(mode)}})
+        jobs = {(i, str(mode)): (urls[i], {"qroute": {"corpus": "corpus", "mode": str(mode), **selection}})
                 for i in ids for mode in COMPARED_MODES}  # fmt: skip
         if num_instances >= 3:  # routed to one peer and fetched from another in the same steps
             for i in ids:
-                jobs[(i, MIXED)] = (urls[i], {"qroute": {"corpus": "corpus", "mode": str(Mode.AUTO),
+                jobs[(i, MIXED)] = (urls[i], {"qroute": {"corpus": "corpus", "mode": str(Mode.AUTO), **selection,
                                                          "owner_modes": mixed_owner_modes(directory, i)}})
         jobs[(ids[0], "no corpus")] = (urls[ids[0]], {"qroute": {"corpus": None}})
         with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: several requests in each engine step
@@ -159,7 +193,11 @@ def run_check(
             owner_modes = mixed_owner_modes(directory, instance) if mode == MIXED else None
             expected = expected_operations(directory, instance, num_layers, max_tokens, owner_modes)
             counts = got["qroute"] or {}
-            run.update(qroute=counts, expected_operations=expected, counts_ok=_counts_ok(mode, counts, expected))
+            if selecting:
+                ok = _selected_counts_ok(counts, expected, num_layers * max_tokens)
+            else:
+                ok = _counts_ok(mode, counts, expected)
+            run.update(qroute=counts, expected_operations=expected, counts_ok=ok)
             report["runs"][f"{instance}/{mode}"] = run
         status, body = http_json(urls[ids[0]] + "/completions", {
             "model": "tiny", "prompt": prompt, "max_tokens": 1,
@@ -200,8 +238,8 @@ def _run(args: argparse.Namespace) -> int:
 
     report = run_check(model_dir_or_tiny(args.model_dir), Path(args.corpus).resolve(),
                        num_instances=args.instances, blocks_per_chunk=args.blocks_per_chunk,
-                       max_tokens=args.max_tokens, transport=args.transport,
-                       log=(lambda *_: None) if args.json else print)  # fmt: skip
+                       max_tokens=args.max_tokens, transport=args.transport, selector=args.selector,
+                       topk=args.topk, log=(lambda *_: None) if args.json else print)  # fmt: skip
     if args.json:
         print(json.dumps(report))
     else:
@@ -220,5 +258,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dir")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--transport", choices=["tcp", "nixl"], default="tcp")
+    parser.add_argument("--selector", choices=["dense", "summary"], default="dense",
+                        help="block selection of every request (summary: the top-k blocks by key bounds)")
+    parser.add_argument("--topk", type=int, default=0, help="blocks per layer for --selector summary")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run)

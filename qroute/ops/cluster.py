@@ -224,6 +224,8 @@ class ClusterSpec:
     max_model_len: int = 2048
     kv_blocks: int | None = None  # paged KV budget per instance in 16-token blocks (default: vLLM's choice)
     max_num_batched_tokens: int | None = None  # tokens per engine step (default: vLLM's choice)
+    selector: str = "dense"  # the instances' default block selection (and whether they keep block summaries)
+    topk: int = 0
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -253,6 +255,8 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
         "mode": spec.mode,
         "secret_env": SECRET_ENV,
     }  # fmt: skip
+    if spec.selector != "dense":
+        extra.update(selector=spec.selector, topk=spec.topk)
     return {
         "kv_connector": "QRouteConnector",
         "kv_connector_module_path": "qroute.connectors.vllm",

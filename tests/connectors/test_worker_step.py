@@ -8,6 +8,7 @@ tests/ops). No engine runs: the step's rows are laid out as vLLM's model runner 
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -27,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_sides(model_dir, corpus_dir, dtype: torch.dtype) -> dict:
+def _make_sides(model_dir, corpus_dir, dtype: torch.dtype, **extra) -> dict:
     from qroute.connectors.vllm_worker import QRouteWorkerSide
     from qroute.core.config import QRouteConfig, load_directory
 
@@ -36,7 +37,7 @@ def _make_sides(model_dir, corpus_dir, dtype: torch.dtype) -> dict:
     for name in instances:
         config = QRouteConfig.from_extra_config({
             "instance_id": name, "instances": instances, "secret_env": "QROUTE_SECRET",
-            "corpus": {"name": "repo", "path": str(corpus_dir), "blocks_per_chunk": 1},
+            "corpus": {"name": "repo", "path": str(corpus_dir), "blocks_per_chunk": 1}, **extra,
         })  # fmt: skip
         _, directory = load_directory(config, model_dir)
         side = QRouteWorkerSide(config, directory, str(model_dir), dtype)
@@ -46,7 +47,9 @@ def _make_sides(model_dir, corpus_dir, dtype: torch.dtype) -> dict:
         g = torch.Generator().manual_seed(ord(name))
         for rows in side.shard.layers:
             rows.copy_(torch.randn(rows.shape, generator=g))
-        side._stored_chunks = {c.chunk_id for c in directory.chunks_of(name)}  # as if prefilled
+        for chunk in directory.chunks_of(name):  # as if prefilled
+            side._summarise(chunk)
+            side._stored_chunks.add(chunk.chunk_id)
         built[name] = side
     return built
 
@@ -212,3 +215,66 @@ def test_a_bf16_model_stores_and_moves_bf16_rows(vllm, tiny_fp32_model, sample_c
     finally:
         for side in built.values():
             side.close()
+
+
+def test_summary_selection_attends_each_requests_top_k_blocks(vllm, tiny_fp32_model, sample_corpus, monkeypatch):
+    """Each request attends to the top-k blocks of its own queries' bounds, the other instance's blocks' summaries
+    read from it; requests that picked the same blocks share one run; k = every block is the dense answer."""
+    from qroute.dataplane.selection import BlockSummaries, summary_top_k
+
+    monkeypatch.setenv("QROUTE_SECRET", "worker-step-test")
+    built = _make_sides(tiny_fp32_model, sample_corpus, torch.float32, selector="summary", topk=3)
+    try:
+        a, b = built["a"], built["b"]
+        d, num_layers = a.directory, a.geometry.num_layers
+        b_blocks = sorted(b.shard.block_rows)
+        assert not a.summaries[0].ready[b_blocks].any()  # a knows only its own blocks' bounds so far
+        q_nope, q_pe, own = _inputs(a, 4, seed=12)
+        requests = [(100, 0, 2, "route"), (200, 5, 1, "route"), (300, 9, 1, "fetch")]
+        results, report = _step_with_selection(a, requests, q_nope, q_pe, own, topk=3)
+        for layer in range(a.geometry.num_layers):  # read from b, and equal to b's own
+            assert torch.equal(a.summaries[layer].table[b_blocks], b.summaries[layer].table[b_blocks])
+        n, row = d.num_tokens, 0
+        for _, first_pos, rows, _ in requests:
+            span = slice(row, row + rows)
+            row += rows
+            positions = torch.arange(first_pos, first_pos + rows)
+            moved = PositionShift(positions, positions + n, a.params.inv_freq, interleaved=True)(q_pe[span])
+            for layer, (out, lse) in results.items():
+                full = _full_corpus(built, layer)
+                truth = BlockSummaries(d.num_blocks, a.width)  # from the whole corpus, independently of a and b
+                truth.add(range(d.num_blocks), [full[i * d.block_size:(i + 1) * d.block_size]
+                                                for i in range(d.num_blocks)])  # fmt: skip
+                chosen = summary_top_k(truth.bounds(q_nope[span], moved, d.num_blocks), 3)
+                assert len(chosen) == 3
+                keys = torch.cat([torch.arange(i * d.block_size, min((i + 1) * d.block_size, n)) for i in chosen])
+                corpus = partial_attention(q_nope[span], moved, full, keys, a.params.scale, a.params.kv_lora_rank)
+                want_out, want_lse = merge([(own[0][span], own[1][span]), corpus])
+                torch.testing.assert_close(lse[span], want_lse, atol=1e-5, rtol=0)
+                torch.testing.assert_close(out[span], want_out, atol=1e-5, rtol=0)
+        assert not report.errors
+        assert all(sum(report.counts[f"r{k}"][:3]) >= num_layers for k in range(3))  # each attended every layer
+
+        # k >= every block: the dense answer
+        everything, _ = _step_with_selection(a, requests, q_nope, q_pe, own, topk=d.num_blocks)
+        dense, _ = _step_with_selection(a, requests, q_nope, q_pe, own, topk=0)
+        for layer in dense:
+            torch.testing.assert_close(everything[layer][0], dense[layer][0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(everything[layer][1], dense[layer][1], atol=1e-6, rtol=0)
+    finally:
+        for side in built.values():
+            side.close()
+
+
+def _step_with_selection(side, requests, q_nope, q_pe, own, *, topk: int):
+    """One step in which every request selects ``topk`` summary blocks (0: dense)."""
+    from qroute.core.config import Selection
+
+    meta, slot_mapping, starts = _step(side, requests)
+    selection = Selection("summary", topk) if topk else Selection()
+    meta.requests = {slot: dataclasses.replace(step, selection=selection) for slot, step in meta.requests.items()}
+    side.start_step(meta, slot_mapping, starts)
+    results = {layer: side.attend_step(layer, q_nope, q_pe, (own[0].clone(), own[1].clone()))
+               for layer in range(side.geometry.num_layers)}  # fmt: skip
+    side.end_step()
+    return results, side.take_report()
