@@ -9,13 +9,16 @@ Three set-ups over the same corpus and question (so the same context length), th
 ``N`` requests start together and stream ``MAX_TOKENS`` tokens each. Only the steady state counts: the gaps
 between consecutive tokens that both arrive after the last request's first token and before the first request's
 last token, so that every request is decoding (no prefill on either side) and ``N`` are in flight. TPOT is their
-mean; each figure is the median over ``repeats``. The set-ups run one after another in one run (a 2-core machine
-cannot host them side by side without each slowing the others).
+mean; each figure is the median over ``repeats`` rounds. Every set-up is up at once (idle instances cost next to
+no CPU) and the rounds go round-robin over them, alternating the order, so that each ratio compares
+measurements taken side by side, not minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import threading
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+from qroute.ops.cluster import STATE_ENV, ClusterSpec, ClusterState, start_cluster, state_dir, stop_cluster
 
 CONCURRENCY = (1, 4, 8)
 MAX_TOKENS = 48
@@ -82,13 +85,18 @@ def _tpot_ms(url: str, prompt: list[int], params: dict | None, concurrency: int)
     return statistics.mean(gaps) * 1e3
 
 
-def _measure(url: str, prompt: list[int], params: dict | None, repeats: int, log) -> dict[str, float]:
-    figures = {}
-    for c in CONCURRENCY:
-        _stream_together(url, prompt, params, c)  # warm-up: the first batch of a new size runs slower
-        figures[str(c)] = statistics.median(_tpot_ms(url, prompt, params, c) for _ in range(repeats))
-        log(f"  {c} at once: TPOT {figures[str(c)]:.2f} ms")
-    return figures
+@contextlib.contextmanager
+def _own_state_dir(path: Path):
+    """Each set-up records its cluster in its own state directory, so that all can run at once."""
+    previous = os.environ.get(STATE_ENV)
+    os.environ[STATE_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(STATE_ENV, None)
+        else:
+            os.environ[STATE_ENV] = previous
 
 
 def run_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int = 8650, transport: str = "tcp",
@@ -103,23 +111,39 @@ def run_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int
     setups = {
         "stock": (ClusterSpec(model_dir=model_dir, corpus_dir=None, num_instances=1, base_port=base_port,
                               max_model_len=max_len), corpus_ids + prompt, None),
-        "local": (ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=1, base_port=base_port,
+        "local": (ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=1, base_port=base_port + 10,
                               transport=transport), prompt, ON_CORPUS),
-        "route": (ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=2, base_port=base_port,
+        "route": (ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=2, base_port=base_port + 20,
                               mode="route", transport=transport), prompt, ON_CORPUS),
     }  # fmt: skip
-    tpot: dict[str, dict[str, float]] = {}
-    for name, (spec, request_prompt, params) in setups.items():
-        log(f"bench decode: {name} ({spec.num_instances} instance(s))")
-        state = start_cluster(spec, log=lambda *_: None)
-        try:
-            tpot[name] = _measure(state.instances[0].url, request_prompt, params, repeats, log)
-        finally:
-            stop_cluster(state)
+    samples: dict[str, dict[str, list[float]]] = {name: {str(c): [] for c in CONCURRENCY} for name in setups}
+    states: dict[str, ClusterState] = {}
+    root = state_dir() / "bench-decode"
+    try:
+        for name, (spec, _, _) in setups.items():  # all up at once: measured side by side, round by round
+            log(f"bench decode: starting {name} ({spec.num_instances} instance(s))")
+            with _own_state_dir(root / name):
+                states[name] = start_cluster(spec, log=lambda *_: None)
+        for name, (_, request_prompt, params) in setups.items():
+            for c in CONCURRENCY:  # warm-up: the first batch of a new size runs slower
+                _stream_together(states[name].instances[0].url, request_prompt, params, c)
+        for r in range(repeats):
+            for c in CONCURRENCY:
+                order = list(setups) if r % 2 == 0 else list(reversed(setups))  # no order bias
+                for name in order:
+                    _, request_prompt, params = setups[name]
+                    samples[name][str(c)].append(_tpot_ms(states[name].instances[0].url, request_prompt, params, c))
+            log(f"bench decode: round {r + 1}/{repeats} done")
+    finally:
+        for name, state in states.items():
+            with _own_state_dir(root / name):
+                stop_cluster(state)
+    tpot = {name: {c: statistics.median(v) for c, v in per_c.items()} for name, per_c in samples.items()}
     ratio = {side: {c: tpot[side][c] / tpot["stock"][c] for c in tpot["stock"]} for side in TARGETS}
     return {
         "corpus_tokens": len(corpus_ids), "question_tokens": len(prompt), "max_tokens": MAX_TOKENS,
         "repeats": repeats, "transport": transport, "tpot_ms": tpot, "tpot_ratio": ratio, "targets": TARGETS,
+        "samples_ms": samples,
     }  # fmt: skip
 
 

@@ -15,8 +15,10 @@ never a silently partial result.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +37,36 @@ from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
 from qroute.metrics import ROUTER, Metrics
 from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
 from qroute.numerics.rowformat import RowFormat
-from qroute.transport import SupportsOneSidedRead
+from qroute.transport import SupportsOneSidedRead, SupportsRawPing
 
 logger = logging.getLogger(__name__)
 
 DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before trying it again
 _DENSE_PLANS_KEPT = 64  # grouped block sets of dense plans kept (one per corpus prefix length in use)
+MAX_REUSE = 64.0  # the most reuse the predicate credits a fetch with
+PROBES = 8  # round trips timed per probe (the median counts)
+
+
+def probe_fabric(fabric: FabricProfile, connection, region: str) -> FabricProfile:
+    """``fabric`` with the small-message and small-READ round trips to one peer measured on ``connection`` (the
+    median of ``PROBES``): a near peer and a far one are priced apart. A probe that fails leaves the profile's."""
+    timings: dict[str, float] = {}
+    try:
+        if isinstance(connection, SupportsRawPing):
+            timings["probe_us"] = statistics.median(connection.raw_notif_rtt(PROBES)) * 1e6
+        if connection.region_sizes.get(region, 0) >= 64:  # every connection reads (one-sidedly or not)
+            out = np.empty(64, np.uint8)
+            reads = []
+            for _ in range(PROBES):
+                start = time.perf_counter()
+                connection.read(region, [(0, 64)], out, 2.0)
+                reads.append(time.perf_counter() - start)
+            timings["fetch_probe_us"] = statistics.median(reads) * 1e6
+            timings.setdefault("probe_us", timings["fetch_probe_us"])  # no raw ping (TCP): a READ is a call too
+    except (TransportError, ConnectionError, ConfigError) as exc:
+        logger.warning("qroute: probing a peer failed (%s); its blocks are priced with fabric %r", exc, fabric.name)
+        return fabric
+    return dataclasses.replace(fabric, **timings) if timings else fabric
 
 
 @dataclass(frozen=True)
@@ -90,14 +116,15 @@ class Peer:
     still readable one-sidedly.
     """
 
-    __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at")
+    __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at", "fabric")
 
-    def __init__(self, instance_id: str, connection, block_rows: BlockRows):
+    def __init__(self, instance_id: str, connection, block_rows: BlockRows, fabric: FabricProfile | None = None):
         self.instance_id = instance_id
         self.connection = connection
         self.block_rows = block_rows
         self.calls_failed_at = -float("inf")
         self.reads_failed_at = -float("inf")
+        self.fabric = fabric  # the profile with this peer's probe latencies measured at connect; None: not probed
 
     @property
     def can_call(self) -> bool:
@@ -154,21 +181,22 @@ class Router:
         self.row_format = row_format
         self.width = geometry.latent_width
         self.row_bytes = row_format.row_bytes
-        self.peers = {
-            name: Peer(name, conn, shard_layout(directory, name))
-            for name, conn in connections.items()
-            if name != config.instance_id
-        }
         self.cache = BlockCache(config.cache_bytes) if config.cache_bytes else None
+        self.peers: dict[str, Peer] = {}
+        for name, conn in connections.items():
+            if name != config.instance_id:
+                self.add_peer(name, conn)
         self.stats = Metrics(ROUTER)
         self._request_ids = itertools.count(1)
         self._dense: dict[int, tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]] = {}
 
-    def add_peer(self, instance_id: str, connection) -> None:
-        """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable."""
+    def add_peer(self, instance_id: str, connection, *, probe: bool = True) -> None:
+        """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable; with
+        ``probe``, its small-message and READ round trips are measured now and price its blocks from then on."""
         if instance_id == self.config.instance_id:
             raise ConfigError(f"instance {instance_id!r} is this router's own instance, not a peer")
-        self.peers[instance_id] = Peer(instance_id, connection, shard_layout(self.directory, instance_id))
+        fabric = probe_fabric(self.fabric, connection, region_name(self.directory.name, 0)) if probe else None
+        self.peers[instance_id] = Peer(instance_id, connection, shard_layout(self.directory, instance_id), fabric)
 
     # -- plan: once per step --------------------------------------------------------------------------
 
@@ -236,10 +264,31 @@ class Router:
             batch=max(1, num_rows),
             heads=self.geometry.num_heads,
             tokens=num_tokens,
-            reuse=1.0,  # no reuse is priced yet: the block cache's hit rate is not fed back
+            reuse=self.observed_reuse(),
             block_size=self.directory.block_size,
         )
-        return costs(self.geometry, self.fabric, workload).decision
+        return costs(self.geometry, self.fabric_for(owners), workload).decision
+
+    def fabric_for(self, owners: tuple[str, ...]) -> FabricProfile:
+        """The fabric that prices a group's blocks: its first reachable owner's probed profile, else the
+        configured one."""
+        for owner in owners:
+            peer = self.peers.get(owner)
+            if peer is not None and peer.alive and peer.fabric is not None:
+                return peer.fabric
+        return self.fabric
+
+    def observed_reuse(self) -> float:
+        """How many times a fetched block is used, as the block cache sees it: 1 / (1 - hit rate) over its
+        lookups so far (1 without a cache or before any lookup; at most ``MAX_REUSE``)."""
+        if self.cache is None:
+            return 1.0
+        snapshot = self.cache.stats.snapshot()
+        misses = snapshot["misses"]  # a miss is a fetch; every later hit of its blocks is one more use
+        lookups = snapshot["hits"] + misses
+        if lookups == 0:
+            return 1.0
+        return MAX_REUSE if misses == 0 else min(MAX_REUSE, lookups / misses)
 
     # -- run: once per layer ---------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 The same exactness checks run between real processes over TCP and NIXL in tests/transport.
 """
 
+import dataclasses
+
 import msgspec
 import pytest
 import torch
@@ -266,3 +268,41 @@ def test_fp8_stores_route_and_fetch_656_byte_rows(prepared, mode):
             connection.close()
         for server in servers.values():
             server.stop()
+
+
+def test_each_peer_is_priced_over_its_own_measured_round_trip(prepared, cluster):
+    """Connecting probes each owner: its measured round trips replace the profile's, and in one plan each owner
+    group is decided on the figures of the owner that serves it."""
+    router = make_router(prepared, cluster[3], mode="auto", local=False)
+    base = router.fabric
+    for name in ("b", "c"):
+        fabric = router.peers[name].fabric
+        assert fabric is not None and fabric.probe_us > 0 and fabric.fetch_probe_us > 0
+        assert (fabric.probe_us, fabric.fetch_probe_us) != (base.probe_us, base.fetch_probe_us)  # measured
+
+    def decisions(far_calls: str) -> dict[tuple[str, ...], tuple[str, Decision]]:
+        """Calls to ``far_calls`` take a second (route loses), the other's READs do (fetch loses)."""
+        for name in ("b", "c"):
+            slow_call = name == far_calls
+            router.peers[name].fabric = dataclasses.replace(base, probe_us=1e6 if slow_call else 1.0,
+                                                            fetch_probe_us=1.0 if slow_call else 1e6)  # fmt: skip
+        plan = router.plan(1)
+        return {p.owners: (next(o for o in p.owners if o in router.peers), p.decision) for p in plan.parts}
+
+    for far in ("b", "c"):
+        got = decisions(far)
+        assert {pricing for pricing, _ in got.values()} == {"b", "c"}  # both serve groups in this plan
+        for pricing, decision in got.values():
+            assert decision == (Decision.FETCH if pricing == far else Decision.ROUTE), (far, got)
+
+
+def test_the_block_caches_hit_rate_is_the_reuse_the_predicate_prices(prepared, cluster):
+    router = make_router(prepared, cluster[3], mode="fetch", local=False, cache_bytes=64 << 20)
+    assert router.observed_reuse() == 1.0  # no lookups yet
+    q_nope, q_pe = random_queries(prepared, seed=21)
+    plan = router.plan(3)
+    for _ in range(4):  # the first run fetches (misses), the next three hit
+        router.run(0, q_nope, q_pe, plan)
+    cache = router.cache.stats.snapshot()
+    assert cache["hits"] == 3 * cache["misses"] > 0
+    assert router.observed_reuse() == 4.0
