@@ -315,10 +315,10 @@ class QRouteWorkerSide:
                                         owner_modes=dict(group.owner_modes))  # fmt: skip
                 part = self.router.run(layer, q_nope[rows], q_pe_moved[local_rows], plan, own=(out[rows], lse[rows]))
             except QRouteError as exc:
-                for run in runs:
-                    self._fail(run, str(exc))
-                group.error = str(exc)  # a member failed: later layers would attend without it
-                continue
+                group.error = str(exc)  # the group skips its later layers: every member is failed, not only these
+                for run in group.runs:
+                    self._fail(run, group.error)
+                return
             finally:
                 self._count(runs, len(rows), before)
             out[rows], lse[rows] = part

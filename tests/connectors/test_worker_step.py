@@ -278,3 +278,25 @@ def _step_with_selection(side, requests, q_nope, q_pe, own, *, topk: int):
                for layer in range(side.geometry.num_layers)}  # fmt: skip
     side.end_step()
     return results, side.take_report()
+
+
+def test_summary_selection_fails_clearly_where_it_cannot_be_right(sides, vllm, tiny_fp32_model, sample_corpus,
+                                                                   monkeypatch):
+    """No summaries kept (dense instance), or an owner that has not summarised its blocks yet: the request fails
+    with the reason, it never attends to a selection made on wrong bounds."""
+    q_nope, q_pe, own = _inputs(sides["a"], 1, seed=13)
+    _, report = _step_with_selection(sides["a"], [(100, 0, 1, "route")], q_nope, q_pe, own, topk=2)
+    assert "keeps no block summaries" in report.errors["r0"]
+
+    monkeypatch.setenv("QROUTE_SECRET", "worker-step-test")
+    built = _make_sides(tiny_fp32_model, sample_corpus, torch.float32, selector="summary", topk=2)
+    try:
+        b_blocks = sorted(built["b"].shard.block_rows)
+        for summaries in built["b"].summaries:  # as if b had restarted and not been prefilled again
+            summaries.table[b_blocks, 0], summaries.table[b_blocks, 1] = float("inf"), float("-inf")
+        results, report = _step_with_selection(built["a"], [(100, 0, 1, "route")], q_nope, q_pe, own, topk=2)
+        assert "are not known yet" in report.errors["r0"]
+        assert torch.equal(results[0][0], own[0])  # its own part only, and the request is failed
+    finally:
+        for side in built.values():
+            side.close()

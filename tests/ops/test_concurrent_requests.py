@@ -91,13 +91,6 @@ def _chat(client, question: str, *, stream: bool) -> Answer:
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def corpus(tiny_fp32_model, sample_corpus):
     token_ids, directory = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=INSTANCES,
                                               blocks_per_chunk=BLOCKS_PER_CHUNK, replicas=REPLICAS)  # fmt: skip

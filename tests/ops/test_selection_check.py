@@ -13,13 +13,6 @@ TOPK = 2
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def selective(vllm, state_dir, tiny_fp32_model, sample_corpus):
     return run_check(tiny_fp32_model, sample_corpus, num_instances=len(INSTANCES), max_tokens=8, base_port=8480,
                      selector="summary", topk=TOPK)
