@@ -37,7 +37,7 @@ from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.router import Router, RouterConfig, StepPlan
-from qroute.dataplane.selection import BlockSummaries, read_peer_summaries, summary_top_k
+from qroute.dataplane.selection import BlockSummaries, choose_blocks, read_peer_summaries
 from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
 from qroute.errors import ConfigError, QRouteError
 from qroute.numerics.attention import AttentionParams, Part
@@ -299,12 +299,12 @@ class QRouteWorkerSide:
         q_pe_moved = group.shift(q_pe[group.rows])  # the group's rows, in member order, at corpus positions
         by_blocks: dict[tuple[int, ...], list[tuple[RequestRun, slice]]] = {}
         offset = 0
-        sel = group.selection
         for run in group.runs:
             mine = slice(offset, offset + run.stop - run.start)
             offset = mine.stop
-            bounds = self.summaries[layer].bounds(q_nope[run.start:run.stop], q_pe_moved[mine], group.visible_blocks)
-            by_blocks.setdefault(summary_top_k(bounds, sel.topk, window=sel.window), []).append((run, mine))
+            chosen = choose_blocks(self.summaries[layer], q_nope[run.start:run.stop], q_pe_moved[mine],
+                                   group.visible_blocks, group.selection)  # fmt: skip
+            by_blocks.setdefault(chosen, []).append((run, mine))
         for block_ids, members in by_blocks.items():
             runs = [run for run, _ in members]
             rows = torch.cat([torch.arange(run.start, run.stop) for run in runs])

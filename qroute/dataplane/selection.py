@@ -33,7 +33,8 @@ from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.shard import byte_ranges, summary_region_name
 from qroute.errors import ConfigError, TransportError
 
-__all__ = ["SELECTORS", "BlockSummaries", "Selection", "indexer_blocks", "read_peer_summaries", "summary_top_k"]
+__all__ = ["SELECTORS", "BlockSummaries", "Selection", "choose_blocks", "indexer_blocks", "read_peer_summaries",
+           "summary_top_k"]
 
 
 class BlockSummaries:
@@ -82,6 +83,14 @@ def summary_top_k(bounds: torch.Tensor, k: int, *, window: int = 0) -> tuple[int
     order = torch.sort(-bounds.double(), stable=True).indices[:k].tolist()
     chosen = set(order) | set(range(max(0, num_blocks - window), num_blocks))
     return tuple(sorted(chosen))
+
+
+def choose_blocks(summaries: BlockSummaries, q_nope: torch.Tensor, q_pe: torch.Tensor, num_blocks: int,
+                  selection: Selection) -> tuple[int, ...]:
+    """The blocks among the first ``num_blocks`` that one request's rows (``q_pe`` roped at corpus positions)
+    attend to under a ``summary`` ``selection``: the one rule every instance (and the reference) applies."""
+    bounds = summaries.bounds(q_nope, q_pe, num_blocks)
+    return summary_top_k(bounds, selection.topk, window=selection.window)
 
 
 def indexer_blocks(indices: torch.Tensor, corpus_tokens: int, block_size: int) -> tuple[int, ...]:

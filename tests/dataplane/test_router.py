@@ -15,7 +15,7 @@ from qroute.dataplane.peering import connect_owner, connect_owners, serve_owner
 from qroute.dataplane.router import Router, RouterConfig
 from qroute.dataplane.shard import block_tokens, corpus_positions
 from qroute.errors import HandshakeMismatch, QRouteError, RemoteError
-from qroute.numerics.attention import partial_attention
+from qroute.numerics.attention import merge, partial_attention
 from qroute.numerics.rope import PositionShift
 from qroute.reference.prepared import prepare_corpus
 from qroute.transport.loopback import LoopbackTransport
@@ -306,3 +306,55 @@ def test_the_block_caches_hit_rate_is_the_reuse_the_predicate_prices(prepared, c
     cache = router.cache.stats.snapshot()
     assert cache["hits"] == 3 * cache["misses"] > 0
     assert router.observed_reuse() == 4.0
+
+
+def test_full_model_with_summary_selection_matches_one_instance_selecting_the_same(prepared, cluster):
+    """The float32 reference model, question after the corpus: one instance holding every block and attending to
+    the top-k blocks per layer, against the corpus on 3 owners (summaries assembled from their shards, as every
+    instance does) with the same rule; selection really narrows the answer (it differs from the dense one)."""
+    from qroute.dataplane.selection import BlockSummaries, Selection, choose_blocks
+
+    model, d = prepared.model, prepared.directory
+    n, k = d.num_tokens, 2
+    selection = Selection("summary", topk=k)
+    question = torch.tensor([7, 300, 45, 1200, 99, 18], dtype=torch.int64)
+    own_positions = torch.arange(len(question))
+
+    def block_rows(rows, blocks):
+        return [rows[b * d.block_size:min((b + 1) * d.block_size, n)] for b in blocks]
+
+    whole = []  # one instance: every block's bounds from its own rows
+    for rows in prepared.all_rows:
+        whole.append(BlockSummaries(d.num_blocks, rows.shape[1]))
+        whole[-1].add(range(d.num_blocks), block_rows(rows, range(d.num_blocks)))
+    assembled = [BlockSummaries(d.num_blocks, prepared.geometry.latent_width) for _ in prepared.all_rows]
+    for name in INSTANCES:  # the sharded side: each owner's share, from its shard
+        shard = prepared.shard(name)
+        for layer, summaries in enumerate(assembled):
+            blocks = sorted(shard.block_rows)
+            summaries.add(blocks, [shard.layers[layer][r:r + c] for r, c in (shard.block_rows[b] for b in blocks)])
+    chosen: dict[str, list[tuple[int, ...]]] = {"one": [], "sharded": []}
+
+    def one_instance(layer, q_nope, q_pe, own, q_positions):  # q_pe roped at corpus positions already
+        blocks = choose_blocks(whole[layer], q_nope, q_pe, d.num_blocks, selection)
+        chosen["one"].append(blocks)
+        keys = torch.cat([torch.arange(b * d.block_size, min((b + 1) * d.block_size, n)) for b in blocks])
+        corpus = partial_attention(q_nope, q_pe, prepared.all_rows[layer], keys, model.scale, model.kv_lora_rank)
+        return merge([model.self_attention(layer, q_nope, q_pe, own, q_positions), corpus])
+
+    reference = model.forward(question, own_positions + n, one_instance)
+    router = make_router(prepared, cluster[3], mode="auto")
+    shift = _shift(prepared, own_positions)
+
+    def sharded(layer, q_nope, q_pe, own, q_positions):
+        moved = shift(q_pe)
+        blocks = choose_blocks(assembled[layer], q_nope, moved, d.num_blocks, selection)
+        chosen["sharded"].append(blocks)
+        own_part = model.self_attention(layer, q_nope, q_pe, own, q_positions)
+        return router.run(layer, q_nope, moved, router.plan(len(question), block_ids=blocks), own=own_part)
+
+    logits = model.forward(question, own_positions, sharded)
+    assert chosen["sharded"] == chosen["one"] and all(len(b) == k for b in chosen["one"]) and k < d.num_blocks
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-5)
+    dense = model.forward(torch.cat([prepared.token_ids, question]), torch.arange(n + len(question)))[n:]
+    assert (logits - dense).abs().max() > 1e-2  # attending to 2 blocks is not attending to all of them
