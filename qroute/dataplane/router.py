@@ -15,10 +15,8 @@ never a silently partial result.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,41 +30,17 @@ from qroute.core.costmodel import Decision, FabricProfile, Workload, costs
 from qroute.core.geometry import MLAGeometry
 from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.blockcache import BlockCache
-from qroute.dataplane.shard import BlockRows, CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
+from qroute.dataplane.peer import Peer, probe_fabric
+from qroute.dataplane.shard import CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
 from qroute.metrics import ROUTER, Metrics
 from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
 from qroute.numerics.rowformat import RowFormat
-from qroute.transport import SupportsOneSidedRead, SupportsRawPing
 
 logger = logging.getLogger(__name__)
 
-DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before trying it again
 _DENSE_PLANS_KEPT = 64  # grouped block sets of dense plans kept (one per corpus prefix length in use)
 MAX_REUSE = 64.0  # the most reuse the predicate credits a fetch with
-PROBES = 8  # round trips timed per probe (the median counts)
-
-
-def probe_fabric(fabric: FabricProfile, connection, region: str) -> FabricProfile:
-    """``fabric`` with the small-message and small-READ round trips to one peer measured on ``connection`` (the
-    median of ``PROBES``): a near peer and a far one are priced apart. A probe that fails leaves the profile's."""
-    timings: dict[str, float] = {}
-    try:
-        if isinstance(connection, SupportsRawPing):
-            timings["probe_us"] = statistics.median(connection.raw_notif_rtt(PROBES)) * 1e6
-        if connection.region_sizes.get(region, 0) >= 64:  # every connection reads (one-sidedly or not)
-            out = np.empty(64, np.uint8)
-            reads = []
-            for _ in range(PROBES):
-                start = time.perf_counter()
-                connection.read(region, [(0, 64)], out, 2.0)
-                reads.append(time.perf_counter() - start)
-            timings["fetch_probe_us"] = statistics.median(reads) * 1e6
-            timings.setdefault("probe_us", timings["fetch_probe_us"])  # no raw ping (TCP): a READ is a call too
-    except (TransportError, ConnectionError, ConfigError) as exc:
-        logger.warning("qroute: probing a peer failed (%s); its blocks are priced with fabric %r", exc, fabric.name)
-        return fabric
-    return dataclasses.replace(fabric, **timings) if timings else fabric
 
 
 @dataclass(frozen=True)
@@ -107,50 +81,6 @@ class StepPlan:
     corpus: str
     num_rows: int
     parts: tuple[OwnerPart, ...]
-
-
-class Peer:
-    """A connection to one owner and that owner's shard layout (for one-sided reads).
-
-    Calls (routes) and reads (fetches) fail separately: a stalled owner may time out calls while its memory is
-    still readable one-sidedly.
-    """
-
-    __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at", "fabric")
-
-    def __init__(self, instance_id: str, connection, block_rows: BlockRows, fabric: FabricProfile | None = None):
-        self.instance_id = instance_id
-        self.connection = connection
-        self.block_rows = block_rows
-        self.calls_failed_at = -float("inf")
-        self.reads_failed_at = -float("inf")
-        self.fabric = fabric  # the profile with this peer's probe latencies measured at connect; None: not probed
-
-    @property
-    def can_call(self) -> bool:
-        return time.monotonic() - self.calls_failed_at > DEAD_PEER_BACKOFF_S
-
-    @property
-    def can_read(self) -> bool:
-        return time.monotonic() - self.reads_failed_at > DEAD_PEER_BACKOFF_S
-
-    @property
-    def alive(self) -> bool:
-        return self.can_call and self.can_read
-
-    def failed(self, exc: Exception, *, reading: bool) -> None:
-        """Back off from this peer after a transport failure of a call or a read."""
-        now = time.monotonic()
-        if reading:
-            self.reads_failed_at = now
-        else:
-            self.calls_failed_at = now
-        one_sided = isinstance(self.connection, SupportsOneSidedRead)
-        if isinstance(exc, ConnectionError) or not one_sided:  # gone (RemoteDisconnected too), or reads need its CPU
-            self.calls_failed_at = self.reads_failed_at = now
-
-    def __repr__(self) -> str:
-        return f"Peer({self.instance_id!r}, can_call={self.can_call}, can_read={self.can_read})"
 
 
 class Router:
