@@ -37,8 +37,8 @@ from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.router import Router, RouterConfig, StepPlan
-from qroute.dataplane.selection import BlockSummaries, choose_blocks, read_peer_summaries
-from qroute.dataplane.shard import CorpusShard, compat_for, shard_layout
+from qroute.dataplane.selection import BlockSummaries, choose_blocks, read_peer_summaries, summarise_shard
+from qroute.dataplane.shard import CorpusShard, chunk_blocks, compat_for, shard_layout
 from qroute.errors import ConfigError, QRouteError
 from qroute.numerics.attention import AttentionParams, Part
 from qroute.numerics.rope import PositionShift
@@ -229,7 +229,7 @@ class QRouteWorkerSide:
                 self.links.reconnect(owner)
         self.links.wait_for(remote, PEER_WAIT_FACTOR * self.config.timeout_s)  # the router falls back/fails
         visible = sum(len(p.block_ids) for p in plan.parts)
-        error = None if selection.dense else self._selection_error(selection, visible)
+        error = None if selection.dense else self._prepare_selection(selection, visible)
         if error is not None:
             for run in runs:
                 self._fail(run, error)
@@ -237,9 +237,10 @@ class QRouteWorkerSide:
         shift = runs[0].shift if len(runs) == 1 else PositionShift.cat([run.shift for run in runs])
         return StepGroup(runs, _batch_rows(runs), num_rows, shift, plan, selection, mode, owner_modes, visible)
 
-    def _selection_error(self, selection: Selection, visible: int) -> str | None:
-        """Why ``selection`` cannot run here, if it cannot: the summaries of the first ``visible`` blocks must all be
-        known (this instance's from its store, the others' read from their owners)."""
+    def _prepare_selection(self, selection: Selection, visible: int) -> str | None:
+        """Make ``selection`` ready to run: the summaries of the first ``visible`` blocks must all be known (this
+        instance's from its store; the others', where missing, are read from their owners now). Returns why it
+        cannot run, or None."""
         if selection.selector == "indexer":
             return ("selector 'indexer' needs DeepSeek-V3.2's DSA indexer output, which vLLM's CPU platform does not "
                     "produce; use 'summary' or 'dense'")
@@ -367,14 +368,8 @@ class QRouteWorkerSide:
 
     def _summarise(self, chunk) -> None:
         """Key bounds of a stored chunk's blocks, every layer (selector "summary")."""
-        if self.summaries is None:
-            return
-        d, shard = self.directory, self.shard
-        blocks = range(chunk.start // d.block_size, -(-chunk.end // d.block_size))
-        for layer, summaries in enumerate(self.summaries):
-            rows = [shard.format.decode(shard.layers[layer][row:row + count])
-                    for row, count in (shard.block_rows[b] for b in blocks)]  # fmt: skip
-            summaries.add(blocks, rows)
+        if self.summaries is not None:
+            summarise_shard(self.summaries, self.shard, chunk_blocks(self.directory, chunk))
 
     def _fail(self, run: RequestRun, error: str) -> None:
         run.error = error

@@ -30,11 +30,11 @@ import torch
 
 from qroute.core.config import SELECTORS, Selection
 from qroute.core.placement import CorpusDirectory
-from qroute.dataplane.shard import byte_ranges, summary_region_name
+from qroute.dataplane.shard import CorpusShard, byte_ranges, summary_region_name
 from qroute.errors import ConfigError, TransportError
 
 __all__ = ["SELECTORS", "BlockSummaries", "Selection", "choose_blocks", "indexer_blocks", "read_peer_summaries",
-           "summary_top_k"]
+           "summarise_shard", "summary_top_k"]
 
 
 class BlockSummaries:
@@ -71,6 +71,14 @@ class BlockSummaries:
         q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).reshape(-1, width)  # [T*H, W]
         low, high = self.table[:num_blocks, 0], self.table[:num_blocks, 1]
         return (q.clamp_min(0) @ high.T + q.clamp_max(0) @ low.T).amax(dim=0)
+
+
+def summarise_shard(summaries: Sequence[BlockSummaries], shard: CorpusShard, block_ids: Sequence[int]) -> None:
+    """Summarise blocks a shard holds, every layer, from its stored rows (dequantized where FP8)."""
+    for layer, layer_summaries in enumerate(summaries):
+        stored = shard.layers[layer]
+        rows = [shard.format.decode(stored[row:row + count]) for row, count in (shard.block_rows[b] for b in block_ids)]
+        layer_summaries.add(block_ids, rows)
 
 
 def summary_top_k(bounds: torch.Tensor, k: int, *, window: int = 0) -> tuple[int, ...]:

@@ -38,14 +38,17 @@ def block_tokens(directory: CorpusDirectory, block_id: int) -> int:
     return end - start
 
 
+def chunk_blocks(directory: CorpusDirectory, chunk) -> range:
+    """The ids of the blocks a corpus chunk spans."""
+    return range(chunk.start // directory.block_size, -(-chunk.end // directory.block_size))
+
+
 def shard_layout(directory: CorpusDirectory, instance: str) -> BlockRows:
     """Where each block ``instance`` holds sits in its shard."""
     rows: BlockRows = {}
     next_row = 0
     for chunk in directory.chunks_of(instance):
-        first = chunk.start // directory.block_size
-        last = -(-chunk.end // directory.block_size)
-        for block_id in range(first, last):
+        for block_id in chunk_blocks(directory, chunk):
             start, end = block_range(directory, block_id)
             rows[block_id] = (next_row, end - start)
             next_row += end - start

@@ -36,6 +36,16 @@ class ReplyStatus(enum.IntEnum):
     VIA_CONTROL = 3  # the reply is a REPLY frame on the control socket
 
 
+def slot_span(n: int, slot_bytes: int) -> int:
+    """Adjacent slots an n-byte message takes (at least one: an empty call still holds its slot)."""
+    return max(1, -(-n // slot_bytes))
+
+
+def handle_is_kept(size: int, slot_bytes: int) -> bool:
+    """Whether a WRITE of ``size`` bytes keeps its prepared handle: one-slot size classes only, a bounded set."""
+    return size <= min(CACHED_CLASS_MAX, slot_bytes)
+
+
 def size_class(n: int, cap: int) -> int:
     """Bytes written for an n-byte message: small ones round up so their prepared handles can be reused."""
     if n > CACHED_CLASS_MAX:

@@ -27,7 +27,6 @@ from qroute.transport.base import (
     deadline_after,
 )
 from qroute.transport.nixl_agent import (
-    CACHED_CLASS_MAX,
     CALL,
     NOTIF,
     PING,
@@ -39,7 +38,9 @@ from qroute.transport.nixl_agent import (
     ReplyStatus,
     XferHandle,
     descs,
+    handle_is_kept,
     size_class,
+    slot_span,
 )
 from qroute.transport.tcp import TcpConnection, TcpPending
 
@@ -117,7 +118,7 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
     def _post(self, payload: bytes, deadline: float) -> TcpPending:
         n = memoryview(payload).nbytes
         self._ctrl.check_size(n)
-        span = max(1, -(-n // self.slot_bytes))  # a message over one slot takes several adjacent ones
+        span = slot_span(n, self.slot_bytes)  # a message over one slot takes several adjacent ones
         with self._lock:
             self._check_open()
             slot = self._take(span)
@@ -162,7 +163,7 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
         base = slot * self._stride
         send[base:base + n] = np.frombuffer(payload, np.uint8)
         size = size_class(n, max(n, self.slot_bytes))
-        cached = size <= min(CACHED_CLASS_MAX, self.slot_bytes)  # one-slot size classes only: a bounded set
+        cached = handle_is_kept(size, self.slot_bytes)
         handle = self._handles.get((slot, size))
         if handle is None:
             handle = self._agent.xfer(

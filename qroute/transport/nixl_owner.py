@@ -40,7 +40,6 @@ from qroute.transport.base import (
 )
 from qroute.transport.frames import PREFIX, REQ_ID, Kind
 from qroute.transport.nixl_agent import (
-    CACHED_CLASS_MAX,
     CALL,
     NOTIF,
     PING,
@@ -52,7 +51,9 @@ from qroute.transport.nixl_agent import (
     ReplyStatus,
     XferHandle,
     descs,
+    handle_is_kept,
     size_class,
+    slot_span,
 )
 from qroute.transport.tcp_owner import TcpServer
 
@@ -247,7 +248,7 @@ class NixlServer(Server):
         if kind == PING:
             agent.send_notif(peer, NOTIF.pack(PONG, sid, req_id, 0, 0, 0))
             return
-        span = max(1, -(-length // conn.slot_bytes))  # a call over one slot fills several adjacent ones
+        span = slot_span(length, conn.slot_bytes)  # a call over one slot fills several adjacent ones
         if kind != CALL or slot + span > conn.num_slots:
             self._tcp.counters.add("protocol_errors")
             return
@@ -285,7 +286,7 @@ class NixlServer(Server):
                 return
             self._outbox[:n] = np.frombuffer(body, np.uint8)
             size = size_class(n, limit)
-            cached = size <= min(CACHED_CLASS_MAX, conn.slot_bytes)  # one-slot size classes only: a bounded set
+            cached = handle_is_kept(size, conn.slot_bytes)
             handle = conn.handles.get((slot, size))
             if handle is None:
                 dst = conn.reply_addr + slot * conn.reply_stride

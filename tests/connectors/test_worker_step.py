@@ -221,6 +221,7 @@ def test_summary_selection_attends_each_requests_top_k_blocks(vllm, tiny_fp32_mo
     """Each request attends to the top-k blocks of its own queries' bounds, the other instance's blocks' summaries
     read from it; requests that picked the same blocks share one run; k = every block is the dense answer."""
     from qroute.dataplane.selection import BlockSummaries, summary_top_k
+    from qroute.dataplane.shard import block_range, corpus_positions
 
     monkeypatch.setenv("QROUTE_SECRET", "worker-step-test")
     built = _make_sides(tiny_fp32_model, sample_corpus, torch.float32, selector="summary", topk=3)
@@ -243,11 +244,10 @@ def test_summary_selection_attends_each_requests_top_k_blocks(vllm, tiny_fp32_mo
             for layer, (out, lse) in results.items():
                 full = _full_corpus(built, layer)
                 truth = BlockSummaries(d.num_blocks, a.width)  # from the whole corpus, independently of a and b
-                truth.add(range(d.num_blocks), [full[i * d.block_size:(i + 1) * d.block_size]
-                                                for i in range(d.num_blocks)])  # fmt: skip
+                truth.add(range(d.num_blocks), [full[slice(*block_range(d, b))] for b in range(d.num_blocks)])
                 chosen = summary_top_k(truth.bounds(q_nope[span], moved, d.num_blocks), 3)
                 assert len(chosen) == 3
-                keys = torch.cat([torch.arange(i * d.block_size, min((i + 1) * d.block_size, n)) for i in chosen])
+                keys = corpus_positions(d, chosen)
                 corpus = partial_attention(q_nope[span], moved, full, keys, a.params.scale, a.params.kv_lora_rank)
                 want_out, want_lse = merge([(own[0][span], own[1][span]), corpus])
                 torch.testing.assert_close(lse[span], want_lse, atol=1e-5, rtol=0)

@@ -13,7 +13,7 @@ from qroute.core import wire
 from qroute.core.costmodel import Decision, load_fabric
 from qroute.dataplane.peering import connect_owner, connect_owners, serve_owner
 from qroute.dataplane.router import Router, RouterConfig
-from qroute.dataplane.shard import block_tokens, corpus_positions
+from qroute.dataplane.shard import block_range, block_tokens, corpus_positions
 from qroute.errors import HandshakeMismatch, QRouteError, RemoteError
 from qroute.numerics.attention import merge, partial_attention
 from qroute.numerics.rope import PositionShift
@@ -312,7 +312,7 @@ def test_full_model_with_summary_selection_matches_one_instance_selecting_the_sa
     """The float32 reference model, question after the corpus: one instance holding every block and attending to
     the top-k blocks per layer, against the corpus on 3 owners (summaries assembled from their shards, as every
     instance does) with the same rule; selection really narrows the answer (it differs from the dense one)."""
-    from qroute.dataplane.selection import BlockSummaries, Selection, choose_blocks
+    from qroute.dataplane.selection import BlockSummaries, Selection, choose_blocks, summarise_shard
 
     model, d = prepared.model, prepared.directory
     n, k = d.num_tokens, 2
@@ -320,25 +320,20 @@ def test_full_model_with_summary_selection_matches_one_instance_selecting_the_sa
     question = torch.tensor([7, 300, 45, 1200, 99, 18], dtype=torch.int64)
     own_positions = torch.arange(len(question))
 
-    def block_rows(rows, blocks):
-        return [rows[b * d.block_size:min((b + 1) * d.block_size, n)] for b in blocks]
-
     whole = []  # one instance: every block's bounds from its own rows
     for rows in prepared.all_rows:
         whole.append(BlockSummaries(d.num_blocks, rows.shape[1]))
-        whole[-1].add(range(d.num_blocks), block_rows(rows, range(d.num_blocks)))
+        whole[-1].add(range(d.num_blocks), [rows[slice(*block_range(d, b))] for b in range(d.num_blocks)])
     assembled = [BlockSummaries(d.num_blocks, prepared.geometry.latent_width) for _ in prepared.all_rows]
     for name in INSTANCES:  # the sharded side: each owner's share, from its shard
         shard = prepared.shard(name)
-        for layer, summaries in enumerate(assembled):
-            blocks = sorted(shard.block_rows)
-            summaries.add(blocks, [shard.layers[layer][r:r + c] for r, c in (shard.block_rows[b] for b in blocks)])
+        summarise_shard(assembled, shard, sorted(shard.block_rows))
     chosen: dict[str, list[tuple[int, ...]]] = {"one": [], "sharded": []}
 
     def one_instance(layer, q_nope, q_pe, own, q_positions):  # q_pe roped at corpus positions already
         blocks = choose_blocks(whole[layer], q_nope, q_pe, d.num_blocks, selection)
         chosen["one"].append(blocks)
-        keys = torch.cat([torch.arange(b * d.block_size, min((b + 1) * d.block_size, n)) for b in blocks])
+        keys = corpus_positions(d, blocks)
         corpus = partial_attention(q_nope, q_pe, prepared.all_rows[layer], keys, model.scale, model.kv_lora_rank)
         return merge([model.self_attention(layer, q_nope, q_pe, own, q_positions), corpus])
 
