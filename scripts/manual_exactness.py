@@ -68,7 +68,8 @@ class Server:
         self.name, self.port = name, port
         self.log = log_dir / f"{name}.log"
         args = [str(VLLM), "serve", str(model), "--served-model-name", SERVED, "--port", str(port),
-                "--enforce-eager", "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "4",
+                "--enforce-eager", "--dtype", "float32", "--attention-backend", "CPU_MLA",  # not AMX_MLA: float32
+                "--max-model-len", str(max_model_len), "--max-num-seqs", "4",
                 *extra]
         full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **env}

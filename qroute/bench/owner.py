@@ -27,6 +27,7 @@ def run_bench(*, heads: int = 4, tokens: int = 1024, rounds: int = 30) -> dict[s
 
     from qroute.bench.pair import BLOCKS_PER_CHUNK, queries, select_blocks, write_corpus
     from qroute.core import wire
+    from qroute.dataplane.owner import replies_agree
     from qroute.errors import ConfigError
     from qroute.reference.prepared import prepare_corpus
     from qroute.reference.tinymodel import build_tiny_model
@@ -49,7 +50,7 @@ def run_bench(*, heads: int = 4, tokens: int = 1024, rounds: int = 30) -> dict[s
             batch.append(wire.encode(wire.RouteRequest(k, d.name, 0, wire.to_wire(q_nope), wire.to_wire(q_pe),
                                                        blocks, 60_000_000)))  # fmt: skip
         calls[c] = batch
-        if service.handle_batch(batch) != [service.handle(call) for call in batch]:
+        if not all(map(replies_agree, service.handle_batch(batch), [service.handle(call) for call in batch])):
             raise RuntimeError(f"batched replies differ from one-by-one replies at concurrency {c}")
     seconds: dict[int, dict[str, list[float]]] = {c: {"batched": [], "unbatched": []} for c in CONCURRENCY}
     ways = {"unbatched": lambda batch: [service.handle(call) for call in batch], "batched": service.handle_batch}

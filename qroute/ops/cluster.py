@@ -86,9 +86,13 @@ def engine_env(instance_index: int) -> dict[str, str]:
 
 
 def vllm_serve_command(model_dir: Path, port: int, *, max_model_len: int, extra: list[str]) -> list[str]:
+    # CPU_MLA named explicitly: on a CPU with AMX tiles vLLM would pick AMX_MLA, which takes only bf16 / int8
+    # weights (the tiny models are float32) and turns on chunked prefill and prefix caching, so that stock and
+    # qroute instances would run differently from one machine to the next (platforms/cpu.py).
     return [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--attention-backend", "CPU_MLA",
         "--max-model-len", str(max_model_len), "--max-num-seqs", "8", "--served-model-name", "tiny",
         *extra,
     ]  # fmt: skip

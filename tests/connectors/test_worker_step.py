@@ -1,5 +1,5 @@
 """The worker side's step: requests that attend to the same blocks share one route message per owner and layer,
-planned once per step; each row equals the single-request answer exactly and the dense reference closely.
+planned once per step; each row equals the single-request answer (to float32 rounding) and the dense reference.
 
 Two real worker sides ("a" requests, "b" owns the rest) in this process, connected over real TCP sockets; their
 stores hold random latent rows (the numerics, not the model, are under test here; the engine runs are in
@@ -14,6 +14,7 @@ import socket
 import pytest
 import torch
 
+from qroute.dataplane.owner import BATCH_ATOL
 from qroute.numerics.attention import merge, partial_attention
 from qroute.numerics.rope import PositionShift
 
@@ -143,7 +144,7 @@ def test_requests_of_a_step_share_one_route_per_owner_and_layer(sides, monkeypat
     assert abs(share - 3 / 4) < 1e-3  # the route's bytes split by rows (3 and 1)
     assert "r2" not in counts
 
-    # every row equals that request's step alone, bit for bit, and the dense reference
+    # every row equals that request's step alone (to float32 rounding: owner.BATCH_ATOL) and the dense reference
     n = a.directory.num_tokens
     row = 0
     for k, request in enumerate(REQUESTS):
@@ -158,7 +159,8 @@ def test_requests_of_a_step_share_one_route_per_owner_and_layer(sides, monkeypat
         positions = torch.arange(first_pos, first_pos + rows)
         shift = PositionShift(positions, positions + n, a.params.inv_freq, interleaved=True)
         for layer, (out, lse) in batched.items():
-            assert torch.equal(out[span], alone[layer][0]) and torch.equal(lse[span], alone[layer][1]), (k, layer)
+            torch.testing.assert_close(out[span], alone[layer][0], atol=BATCH_ATOL, rtol=0, msg=f"{k} {layer}")
+            torch.testing.assert_close(lse[span], alone[layer][1], atol=BATCH_ATOL, rtol=0, msg=f"{k} {layer}")
             corpus = partial_attention(q_nope[span], shift(q_pe[span]), _full_corpus(sides, layer), torch.arange(n),
                                        a.params.scale, a.params.kv_lora_rank)  # fmt: skip
             want_out, want_lse = merge([(own[0][span], own[1][span]), corpus])

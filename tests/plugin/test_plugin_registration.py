@@ -24,7 +24,8 @@ def plugin(vllm):
     return plugin_module
 
 
-def _config(*, qroute: bool, backend: str | None = None):
+def _config(*, qroute: bool, backend: str | None = "CPU_MLA"):
+    """A VllmConfig as `qroute up` makes it: ``--attention-backend CPU_MLA`` (which an AMX host needs)."""
     from vllm.config import AttentionConfig, KVTransferConfig, VllmConfig
 
     config = VllmConfig(attention_config=AttentionConfig(backend=backend))
@@ -151,7 +152,7 @@ def test_ensure_active_on_amx_needs_cpu_mla(plugin, monkeypatch):
         pytest.skip("AMX selection only exists on x86")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     with pytest.raises(ConfigError, match="--attention-backend CPU_MLA"):
-        plugin.ensure_active(_config(qroute=True))
+        plugin.ensure_active(_config(qroute=True, backend=None))
     plugin.ensure_active(_config(qroute=True, backend="CPU_MLA"))
 
 

@@ -183,7 +183,9 @@ def main():
     from vllm import LLM, SamplingParams
 
     model, ids = sys.argv[1], json.loads(sys.argv[2])
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0)
+    # CPU_MLA named: an AMX host would pick AMX_MLA, which takes no float32 weights
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0,
+              attention_backend="CPU_MLA")
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0)
     out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
     logprobs = [None] + [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
