@@ -36,15 +36,15 @@ QUESTION = "Which function opens a connection, and what does it return?"
 ON_CORPUS = {"qroute": {"corpus": "corpus"}}
 
 
-def _stream_stamps(client, prompt: list[int], params: dict | None, start: threading.Barrier,
+def _stream_stamps(client, prompt: list[int], params: dict | None, max_tokens: int, start: threading.Barrier,
                    stamps: list[float]) -> None:
     """Arrival times of a streamed greedy completion's tokens, appended to ``stamps``; sent once every request's
     thread is at ``start``."""
-    extra: dict[str, Any] = {"min_tokens": MAX_TOKENS, "ignore_eos": True}
+    extra: dict[str, Any] = {"min_tokens": max_tokens, "ignore_eos": True}
     if params:
         extra["kv_transfer_params"] = params
     start.wait()
-    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                                        stream=True, extra_body=extra)  # fmt: skip
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text is not None:
@@ -59,50 +59,53 @@ def steady_gaps(runs: list[list[float]]) -> list[float]:
     return [b - a for stamps in runs for a, b in zip(stamps, stamps[1:], strict=False) if a >= begin and b <= end]
 
 
-def _stream_together(url: str, prompt: list[int], params: dict | None, concurrency: int) -> list[list[float]]:
-    """``concurrency`` streamed completions started together: each one's token arrival times."""
+def stream_together(url: str, prompts: list[list[int]], params: dict | None,
+                    max_tokens: int = MAX_TOKENS) -> list[list[float]]:
+    """One streamed completion per prompt, started together: each one's token arrival times."""
     from openai import OpenAI
 
     # Clients are made first and the requests released together: making a client takes tens of milliseconds of
     # CPU, which would otherwise stagger the requests' starts by more than a request lasts.
-    clients = [OpenAI(base_url=url, api_key="qroute-bench") for _ in range(concurrency)]
-    start = threading.Barrier(concurrency)
-    runs: list[list[float]] = [[] for _ in range(concurrency)]
-    threads = [threading.Thread(target=_stream_stamps, args=(clients[k], prompt, params, start, runs[k]))
-               for k in range(concurrency)]  # fmt: skip
+    clients = [OpenAI(base_url=url, api_key="qroute-bench") for _ in prompts]
+    start = threading.Barrier(len(prompts))
+    runs: list[list[float]] = [[] for _ in prompts]
+    threads = [threading.Thread(target=_stream_stamps, args=(clients[k], prompt, params, max_tokens, start, runs[k]))
+               for k, prompt in enumerate(prompts)]  # fmt: skip
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if any(len(stamps) < 2 for stamps in runs):
-        raise RuntimeError(f"a request streamed {min(len(s) for s in runs)} tokens; expected {MAX_TOKENS}")
+        raise RuntimeError(f"a request streamed {min(len(s) for s in runs)} tokens; expected {max_tokens}")
     return runs
 
 
-def _tpot_ms(url: str, prompt: list[int], params: dict | None, concurrency: int, unsteady: list[int]) -> float:
-    """Mean steady-state gap in ms. A run in which the requests never all decoded at once (one started after
-    another ended: on 2 busy cores a request's start can slip by half a second) is run again, and counted in
-    ``unsteady``."""
+def tpot_ms(url: str, prompts: list[list[int]], params: dict | None, unsteady: list[int],
+            max_tokens: int = MAX_TOKENS) -> float:
+    """Mean steady-state gap in ms of the prompts streamed together. A run in which the requests never all decoded
+    at once (one started after another ended: on 2 busy cores a request's start can slip by half a second) is run
+    again, and its concurrency appended to ``unsteady``."""
     for _ in range(1 + UNSTEADY_RETRIES):
-        gaps = steady_gaps(_stream_together(url, prompt, params, concurrency))
-        if len(gaps) >= concurrency * 4:
+        gaps = steady_gaps(stream_together(url, prompts, params, max_tokens))
+        if len(gaps) >= len(prompts) * 4:
             return statistics.mean(gaps) * 1e3
-        unsteady.append(concurrency)
-    raise RuntimeError(f"no steady state in {1 + UNSTEADY_RETRIES} runs at concurrency {concurrency}")
+        unsteady.append(len(prompts))
+    raise RuntimeError(f"no steady state in {1 + UNSTEADY_RETRIES} runs at concurrency {len(prompts)}")
 
 
 @contextlib.contextmanager
-def _own_state_dir(path: Path):
-    """Each set-up records its cluster in its own state directory, so that all can run at once."""
-    previous = os.environ.get(STATE_ENV)
-    os.environ[STATE_ENV] = str(path)
+def scoped_env(name: str, value: str):
+    """``os.environ[name] = value`` for the block, e.g. each set-up's own state directory (``STATE_ENV``), so that
+    all can run at once; the instances started in it inherit it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(STATE_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[STATE_ENV] = previous
+            os.environ[name] = previous
 
 
 def run_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int = 8650, transport: str = "tcp",
@@ -129,22 +132,22 @@ def run_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int
     try:
         for name, (spec, _, _) in setups.items():  # all up at once: measured side by side, round by round
             log(f"bench decode: starting {name} ({spec.num_instances} instance(s))")
-            with _own_state_dir(root / name):
+            with scoped_env(STATE_ENV, str(root / name)):
                 states[name] = start_cluster(spec, log=lambda *_: None)
         for name, (_, request_prompt, params) in setups.items():
             for c in CONCURRENCY:  # warm-up: the first batch of a new size runs slower
-                _stream_together(states[name].instances[0].url, request_prompt, params, c)
+                stream_together(states[name].instances[0].url, [request_prompt] * c, params)
         for r in range(repeats):
             for c in CONCURRENCY:
                 order = list(setups) if r % 2 == 0 else list(reversed(setups))  # no order bias
                 for name in order:
                     _, request_prompt, params = setups[name]
                     url = states[name].instances[0].url
-                    samples[name][str(c)].append(_tpot_ms(url, request_prompt, params, c, unsteady[name]))
+                    samples[name][str(c)].append(tpot_ms(url, [request_prompt] * c, params, unsteady[name]))
             log(f"bench decode: round {r + 1}/{repeats} done")
     finally:
         for name, state in states.items():
-            with _own_state_dir(root / name):
+            with scoped_env(STATE_ENV, str(root / name)):
                 stop_cluster(state)
     tpot = {name: {c: statistics.median(v) for c, v in per_c.items()} for name, per_c in samples.items()}
     ratio = {side: {c: tpot[side][c] / tpot["stock"][c] for c in tpot["stock"]} for side in TARGETS}

@@ -34,6 +34,7 @@ from qroute.core.config import QRouteConfig, Selection
 from qroute.core.costmodel import Decision, load_fabric
 from qroute.core.geometry import geometry_from_config, load_config
 from qroute.core.placement import CorpusDirectory
+from qroute.dataplane.decisionlog import DecisionLog
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.router import Router, RouterConfig, StepPlan
@@ -49,6 +50,7 @@ logger = logging.getLogger("vllm.qroute")
 _ROUTER_COUNTERS = COUNTERS[:4]  # route, fetch, local, bytes_moved: the router's own counters
 STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the resident rows are the paged cache's dtype
 PEER_WAIT_FACTOR = 5  # a step waits at most this many timeout_s for owners that are not connected yet
+PROBE_REFRESH_S = 30.0  # each peer's round trips are measured again this often (one peer per step at most)
 # vLLM ropes DeepSeek with is_neox_style=False whatever the checkpoint's rope_interleave says.
 INTERLEAVED = True
 
@@ -102,7 +104,7 @@ class QRouteWorkerSide:
         self.store_dtype = model_dtype
         dtype_name = str(model_dtype).removeprefix("torch.")
         self.geometry = geometry_from_config(hf_config, cache_dtype=dtype_name, dtype=dtype_name)
-        self.fabric = load_fabric(config.fabric_name)
+        self.fabric = load_fabric(config.fabric_name())
         self.secret = config.read_secret()
         self.table_dtype = model_dtype  # vLLM casts its cos/sin table to the model dtype
         self.width = self.geometry.latent_width
@@ -110,6 +112,7 @@ class QRouteWorkerSide:
         self.router: Router | None = None
         self.links: OwnerLinks | None = None
         self.summaries: list[BlockSummaries] | None = None  # per layer, every corpus block (selector "summary")
+        self.decisions: DecisionLog | None = None  # QROUTE_DECISION_LOG: every remote part's decision and time
         self.layer_index: dict[str, int] = {}
         self._runs: dict[int, RequestRun] = {}  # first row -> run
         self._groups: list[StepGroup] = []
@@ -152,6 +155,9 @@ class QRouteWorkerSide:
             self.directory, self.geometry, self.fabric, self.params, {}, local_shard=self.shard,
             row_format=fmt,
         )  # fmt: skip
+        self.decisions = DecisionLog.from_env(self.config.instance_id)
+        if self.decisions is not None:
+            self.router.timings = []
         compat = compat_for(fingerprint, self.directory, self.width, fmt.name)
         self.links = OwnerLinks(self.config, service, self.directory, compat=compat, on_connect=self.router.add_peer)
         self.links.start()
@@ -163,6 +169,8 @@ class QRouteWorkerSide:
     def close(self) -> None:
         if self.links is not None:
             self.links.close()
+        if self.decisions is not None:
+            self.decisions.close()
 
     # -- plan: once per step ------------------------------------------------------------------------
 
@@ -172,6 +180,7 @@ class QRouteWorkerSide:
         self._slot_mapping = slot_mapping.to(device="cpu", dtype=torch.int64)
         if self.router is None or not meta.requests:
             return
+        self.router.refresh_probes(PROBE_REFRESH_S)
         attending: dict[tuple, list[RequestRun]] = {}
         for start, stop, step in map_rows(self._slot_mapping.tolist(), query_start_loc.tolist(), meta.requests):
             run = self._runs[start] = self._request_run(start, stop, step)
@@ -184,6 +193,8 @@ class QRouteWorkerSide:
 
     def end_step(self) -> None:
         self._runs, self._groups = {}, []
+        if self.decisions is not None:
+            self.decisions.flush()
 
     def _request_run(self, start: int, stop: int, step: RequestStep) -> RequestRun:
         d, inv_freq = self.directory, self.params.inv_freq
@@ -289,7 +300,7 @@ class QRouteWorkerSide:
                     self._fail(run, group.error)
                 continue
             finally:
-                self._count(group.runs, group.num_rows, before)
+                self._count(group.runs, group.num_rows, before, group)
             out[rows], lse[rows] = part
         return out, lse
 
@@ -321,12 +332,16 @@ class QRouteWorkerSide:
                     self._fail(run, group.error)
                 return
             finally:
-                self._count(runs, len(rows), before)
+                self._count(runs, len(rows), before, group)
             out[rows], lse[rows] = part
 
-    def _count(self, runs: list[RequestRun], num_rows: int, before: list[int]) -> None:
+    def _count(self, runs: list[RequestRun], num_rows: int, before: list[int], group: StepGroup) -> None:
         """Each member's share of operations run for ``runs`` together: every operation is also its own (its rows
-        were in it); bytes are split by rows; ``shared`` counts the operations it shared with other requests."""
+        were in it); bytes are split by rows; ``shared`` counts the operations it shared with other requests. The
+        run's part timings go to the decision log, if one is kept."""
+        if self.decisions is not None:
+            self.decisions.write(self.router.timings, mode=group.mode, selector=group.selection.selector,
+                                 topk=group.selection.topk)  # fmt: skip
         route, fetch, local, moved = (a - b for a, b in zip(self.router.stats.values(_ROUTER_COUNTERS), before,
                                                             strict=True))  # fmt: skip
         shared = route + fetch + local if len(runs) > 1 else 0

@@ -7,10 +7,14 @@ Keys (``QRouteConfig.from_extra_config``; ``config_file`` names a YAML file with
 keys win over the file's):
 
 - ``instance_id`` (str): this instance, one of ``instances``.
-- ``instances`` (dict id -> "host:port"): every instance's owner-service address, this one included.
+- ``instances`` (dict id -> address): every instance's owner-service address(es), this one included: "host:port"
+  (served over ``transport``), "nixl://host:port" / "tcp://host:port", or a list of such, one per transport the
+  instance serves (each on its own port). A requester connects to a peer over every transport both serve and keeps
+  the one whose probed round trip is lower (``qroute.dataplane.owner_links``).
 - ``corpus`` ({"name", "path", "replicas": 1, "blocks_per_chunk": 16}).
-- ``transport`` ("tcp" | "nixl", default "tcp"); ``fabric`` (profile name or YAML path; default
-  "loopback-tcp" / "loopback-nixl" by transport); ``mode`` ("auto" | "route" | "fetch" | "local").
+- ``transport`` ("tcp" | "nixl", default "tcp": the transport of addresses without one); ``fabric`` (profile name
+  or YAML path; default "loopback-tcp" / "loopback-nixl" by each link's transport); ``mode`` ("auto" | "route" |
+  "fetch" | "local").
 - ``secret_env`` (name of the env var holding the shared secret, default "QROUTE_SECRET"; the secret
   itself never goes into a config); ``timeout_s`` (2.0); ``cache_bytes`` (0: no cache of fetched blocks).
 - ``selector`` ("dense" | "summary" | "indexer", default "dense"), ``topk`` (blocks per layer, for "summary"),
@@ -136,20 +140,20 @@ class QRouteConfig:
     window: int = 0
 
     def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"{_where('transport')}={self.transport!r}; allowed: {', '.join(TRANSPORTS)}")
         if not isinstance(self.instances, Mapping) or not self.instances:
             raise ConfigError(f"{_where('instances')} must be a non-empty dict of instance id -> 'host:port'")
-        for name, address in self.instances.items():
+        for name in self.instances:
             if not isinstance(name, str) or not name or "\x00" in name:
                 raise ConfigError(f"{_where('instances')}: instance id {name!r} must be a non-empty str")
-            _split_address(name, address)
+            self.endpoints(name)
         if self.instance_id not in self.instances:
             raise ConfigError(f"{_where('instance_id')}={self.instance_id!r} is not one of "
                               f"{_where('instances')} {sorted(self.instances)}")
         if self.corpus.replicas > len(self.instances):
             raise ConfigError(f"{_where('corpus')}['replicas']={self.corpus.replicas} exceeds the "
                               f"{len(self.instances)} instances")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"{_where('transport')}={self.transport!r}; allowed: {', '.join(TRANSPORTS)}")
         if not isinstance(self.fabric, str):
             raise ConfigError(f"{_where('fabric')} must be a profile name or a YAML path, got {self.fabric!r}")
         if self.mode not in MODES:
@@ -205,12 +209,30 @@ class QRouteConfig:
         """The configured default selection."""
         return Selection(self.selector, self.topk, self.window)
 
-    @property
-    def fabric_name(self) -> str:
-        return self.fabric or f"loopback-{self.transport}"
+    def fabric_name(self, transport: str | None = None) -> str:
+        """The fabric profile that prices links over ``transport`` (default: ``transport``'s): the configured
+        one, else that transport's loopback profile."""
+        return self.fabric or f"loopback-{transport or self.transport}"
 
-    def address(self, instance: str) -> tuple[str, int]:
-        return _split_address(instance, self.instances[instance])
+    def endpoints(self, instance: str) -> dict[str, tuple[str, int]]:
+        """Transport -> (host, port) of every owner-service endpoint of ``instance``, in the configured order."""
+        value = self.instances[instance]
+        addresses = [value] if isinstance(value, str) else value
+        if not isinstance(addresses, list | tuple) or not addresses:
+            raise ConfigError(f"{_where('instances')}[{instance!r}]={value!r} must be 'host:port', "
+                              "'transport://host:port' or a non-empty list of them")  # fmt: skip
+        found: dict[str, tuple[str, int]] = {}
+        for address in addresses:
+            transport, host_port = self.transport, address
+            if isinstance(address, str) and "://" in address:
+                transport, host_port = address.split("://", 1)
+                if transport not in TRANSPORTS:
+                    raise ConfigError(f"{_where('instances')}[{instance!r}]: {address!r} names transport "
+                                      f"{transport!r}; allowed: {', '.join(TRANSPORTS)}")  # fmt: skip
+            if transport in found:
+                raise ConfigError(f"{_where('instances')}[{instance!r}] lists transport {transport!r} twice")
+            found[transport] = _split_address(instance, host_port)
+        return found
 
     def read_secret(self) -> bytes:
         """The shared secret from the environment variable ``secret_env``."""

@@ -1,9 +1,12 @@
 """An instance's place in the owner mesh: its owner service, and connections to every peer owner.
 
-Engine-free. ``OwnerLinks.start()`` listens on this instance's configured address (the transport's
-``host``/``port`` server options) and starts one daemon thread that connects to each peer, retrying with
-backoff (peers may start later) and handing each new connection to ``on_connect``; ``reconnect`` drops a
-failed connection and starts that thread again. The requester side waits for the owners a step needs with
+Engine-free. ``OwnerLinks.start()`` listens on each of this instance's configured endpoints (one server per
+transport, on the transport's ``host``/``port`` server options) and starts one daemon thread that connects to each
+peer, retrying with backoff (peers may start later). Where several transports reach a peer (both serve them), it
+connects over each, keeps the one with the lower probed round trip (``peer.fastest_link``) and closes the others;
+the kept connection goes to ``on_connect(peer, connection, fabric, probed)`` with its transport's configured
+fabric profile and the probed one. ``reconnect`` drops a failed connection and starts that thread again (which
+chooses afresh). The requester side waits for the owners a step needs with
 ``wait_for`` (bounded, start-up only), never forever.
 """
 
@@ -15,10 +18,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from qroute.core.config import QRouteConfig
+from qroute.core.costmodel import FabricProfile, load_fabric
 from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
+from qroute.dataplane.peer import fastest_link
 from qroute.dataplane.peering import connect_owner, serve_owner
-from qroute.errors import HandshakeMismatch, QRouteError
+from qroute.dataplane.shard import region_name
+from qroute.errors import ConfigError, HandshakeMismatch, QRouteError
 from qroute.transport import Connection, Server, Transport, get_transport
 
 logger = logging.getLogger("vllm.qroute")
@@ -35,17 +41,27 @@ class OwnerLinks:
         directory: CorpusDirectory,
         *,
         compat: str,
-        on_connect: Callable[[str, Connection], None],
+        on_connect: Callable[[str, Connection, FabricProfile, FabricProfile], None],
     ):
         self.config = config
         self.service = service
         self.directory = directory
         self.compat = compat
         self.on_connect = on_connect
-        host, port = config.address(config.instance_id)
-        self.transport: Transport = get_transport(config.transport, host=host, port=port)
-        self.server: Server | None = None
-        self.address = ""
+        own = config.endpoints(config.instance_id)
+        for peer in self.peers:
+            if not own.keys() & config.endpoints(peer).keys():
+                raise ConfigError(f"instance {peer!r} serves {sorted(config.endpoints(peer))} and "
+                                  f"{config.instance_id!r} {sorted(own)}: no transport reaches it")  # fmt: skip
+        self.transports: dict[str, Transport] = {}
+        self.fabrics: dict[str, FabricProfile] = {}  # transport -> the profile that prices its links
+        for name, (host, port) in own.items():
+            self.transports[name] = get_transport(name, host=host, port=port)
+            self.fabrics[name] = load_fabric(config.fabric_name(name))
+        self.servers: list[Server] = []
+        self.address = ""  # the first endpoint's
+        self.link_transports: dict[str, str] = {}  # peer -> transport of the kept connection
+        self.link_round_trips: dict[str, dict[str, float]] = {}  # peer -> transport -> probed round trip, us
         self._connected: dict[str, Connection] = {}
         self._ever_connected: set[str] = set()
         self._cond = threading.Condition()
@@ -57,10 +73,12 @@ class OwnerLinks:
         return tuple(i for i in self.config.instance_ids if i != self.config.instance_id)
 
     def start(self) -> str:
-        self.server = serve_owner(self.transport, self.service)
-        self.address = self.server.start()
-        logger.info("qroute: owner service of %r listening on %s (%s)", self.config.instance_id, self.address,
-                    self.config.transport)  # fmt: skip
+        for name, transport in self.transports.items():
+            server = serve_owner(transport, self.service)
+            self.servers.append(server)
+            address = server.start()
+            self.address = self.address or address
+            logger.info("qroute: owner service of %r listening on %s (%s)", self.config.instance_id, address, name)
         self._start_connecting()
         return self.address
 
@@ -82,7 +100,7 @@ class OwnerLinks:
 
     def _connect_loop(self) -> None:
         backoff = _BACKOFF_START_S
-        reported: set[str] = set()
+        reported: set[tuple[str, str]] = set()  # (peer, transport) handshake refusals logged
         while not self._stop.is_set():
             with self._cond:
                 missing = [p for p in self.peers if p not in self._connected]
@@ -90,28 +108,47 @@ class OwnerLinks:
                     self._thread = None
                     return
             for peer in missing:
-                try:
-                    connection = connect_owner(
-                        self.transport, self.config.instances[peer], instance_id=self.config.instance_id,
-                        directory=self.directory, model_fingerprint=self.directory.model_fingerprint,
-                        compat=self.compat, secret=self.service.secret, timeout_s=self.config.timeout_s,
-                    )  # fmt: skip
-                except HandshakeMismatch as exc:  # a misconfigured peer: say so loudly, keep trying
-                    if peer not in reported:
-                        logger.error("qroute: peer %r refused the handshake: %s", peer, exc)
-                        reported.add(peer)
+                candidates = self._connect_each_transport(peer, reported)
+                if not candidates:
                     continue
-                except (QRouteError, OSError) as exc:  # not up yet
-                    logger.debug("qroute: peer %r not reachable yet: %s", peer, exc)
-                    continue
-                self.on_connect(peer, connection)
+                region = region_name(self.directory.name, 0)
+                kept, probed, round_trips = fastest_link(
+                    {name: (conn, self.fabrics[name]) for name, conn in candidates.items()}, region)
+                for name, connection in candidates.items():
+                    if name != kept:
+                        connection.close()
+                self.on_connect(peer, candidates[kept], self.fabrics[kept], probed)
                 with self._cond:
-                    self._connected[peer] = connection
+                    self._connected[peer] = candidates[kept]
                     self._ever_connected.add(peer)
+                    self.link_transports[peer] = kept
+                    self.link_round_trips[peer] = round_trips
                     self._cond.notify_all()
-                logger.info("qroute: connected to owner %r at %s", peer, self.config.instances[peer])
+                host, port = self.config.endpoints(peer)[kept]
+                logger.info("qroute: connected to owner %r over %s at %s:%d (probed round trips: %s)", peer, kept,
+                            host, port, ", ".join(f"{n} {us:.1f} us" for n, us in round_trips.items()))  # fmt: skip
             self._stop.wait(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    def _connect_each_transport(self, peer: str, reported: set[tuple[str, str]]) -> dict[str, Connection]:
+        """A handshaken connection to ``peer`` over each transport both serve (none where it is not up yet)."""
+        connections: dict[str, Connection] = {}
+        for name, (host, port) in self.config.endpoints(peer).items():
+            if name not in self.transports:
+                continue
+            try:
+                connections[name] = connect_owner(
+                    self.transports[name], f"{host}:{port}", instance_id=self.config.instance_id,
+                    directory=self.directory, model_fingerprint=self.directory.model_fingerprint,
+                    compat=self.compat, secret=self.service.secret, timeout_s=self.config.timeout_s,
+                )  # fmt: skip
+            except HandshakeMismatch as exc:  # a misconfigured peer: say so loudly, keep trying
+                if (peer, name) not in reported:
+                    logger.error("qroute: peer %r refused the handshake over %s: %s", peer, name, exc)
+                    reported.add((peer, name))
+            except (QRouteError, OSError) as exc:  # not up yet
+                logger.debug("qroute: peer %r not reachable over %s yet: %s", peer, name, exc)
+        return connections
 
     def wait_for(self, groups: Iterable[tuple[str, ...]], timeout_s: float) -> list[tuple[str, ...]]:
         """Wait until every group of replicas has a connected member (or ``timeout_s`` passes); return the
@@ -133,6 +170,7 @@ class OwnerLinks:
         self._stop.set()
         for connection in list(self._connected.values()):
             connection.close()
-        if self.server is not None:
-            self.server.stop()
-        self.transport.close()
+        for server in self.servers:
+            server.stop()
+        for transport in self.transports.values():
+            transport.close()

@@ -2,8 +2,10 @@
 
 ``Peer``: calls (routes) and reads (fetches) fail separately, and a failed peer is skipped for a while.
 ``probe_fabric``: the configured fabric profile prices every peer alike; this replaces its probe latencies with
-the ones measured on a peer's connection at connect, so that a near peer and a far one (NVLink inside a node, RDMA
-or TCP between nodes) are decided apart (``Router.fabric_for``).
+the ones measured on a peer's connection at connect (and again every so often, ``Router.refresh_probes``), so that
+a near peer and a far one (NVLink inside a node, RDMA or TCP between nodes) are decided apart
+(``Router.fabric_for``). ``fastest_link``: where several transports reach one owner, the one with the lower probed
+round trip is kept, as the seed paper prescribes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -24,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before trying it again
 PROBES = 8  # round trips timed per probe (the median counts)
+BANDWIDTH_PROBE_BYTES = 256 << 10  # one READ this big, less a small one, times the link's read bandwidth
+BANDWIDTH_PROBES = 3
 
 
 class Peer:
@@ -33,15 +38,19 @@ class Peer:
     still readable one-sidedly.
     """
 
-    __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at", "fabric")
+    __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at", "fabric",
+                 "base_fabric", "probed_at")  # fmt: skip
 
-    def __init__(self, instance_id: str, connection, block_rows: BlockRows, fabric: FabricProfile | None = None):
+    def __init__(self, instance_id: str, connection, block_rows: BlockRows, fabric: FabricProfile | None = None,
+                 base_fabric: FabricProfile | None = None):  # fmt: skip
         self.instance_id = instance_id
         self.connection = connection
         self.block_rows = block_rows
         self.calls_failed_at = -float("inf")
         self.reads_failed_at = -float("inf")
-        self.fabric = fabric  # the profile with this peer's probe latencies measured at connect; None: not probed
+        self.fabric = fabric  # the profile with this peer's probe latencies measured on its link; None: not probed
+        self.base_fabric = base_fabric or fabric  # the link's configured profile, which a new probe starts from
+        self.probed_at = time.monotonic()
 
     @property
     def can_call(self) -> bool:
@@ -72,21 +81,42 @@ class Peer:
 
 def probe_fabric(fabric: FabricProfile, connection: Connection, region: str) -> FabricProfile:
     """``fabric`` with the small-message and small-READ round trips to one peer measured on ``connection`` (the
-    median of ``PROBES``): a near peer and a far one are priced apart. A probe that fails leaves the profile's."""
+    median of ``PROBES``) and its READ bandwidth (a ``BANDWIDTH_PROBE_BYTES`` READ less a small one, where the
+    region is that big): a near peer and a far one are priced apart. A probe that fails leaves the profile's."""
     timings: dict[str, float] = {}
+    size = connection.region_sizes.get(region, 0)
     try:
         if isinstance(connection, SupportsRawPing):
             timings["probe_us"] = statistics.median(connection.raw_notif_rtt(PROBES)) * 1e6
-        if connection.region_sizes.get(region, 0) >= 64:  # every connection reads (one-sidedly or not)
-            out = np.empty(64, np.uint8)
-            reads = []
-            for _ in range(PROBES):
-                start = time.perf_counter()
-                connection.read(region, [(0, 64)], out, 2.0)
-                reads.append(time.perf_counter() - start)
-            timings["fetch_probe_us"] = statistics.median(reads) * 1e6
+        if size >= 64:  # every connection reads (one-sidedly or not)
+            small = _median_read_s(connection, region, 64, PROBES)
+            timings["fetch_probe_us"] = small * 1e6
             timings.setdefault("probe_us", timings["fetch_probe_us"])  # no raw ping (TCP): a READ is a call too
+        if size >= BANDWIDTH_PROBE_BYTES:
+            big = _median_read_s(connection, region, BANDWIDTH_PROBE_BYTES, BANDWIDTH_PROBES)
+            if big > small:  # GB/s = bytes per microsecond / 1e3
+                timings["fetch_bandwidth_gbps"] = BANDWIDTH_PROBE_BYTES / ((big - small) * 1e6 * 1e3)
     except (TransportError, ConnectionError, ConfigError) as exc:
         logger.warning("qroute: probing a peer failed (%s); its blocks are priced with fabric %r", exc, fabric.name)
         return fabric
     return dataclasses.replace(fabric, **timings) if timings else fabric
+
+
+def _median_read_s(connection: Connection, region: str, num_bytes: int, times: int) -> float:
+    out = np.empty(num_bytes, np.uint8)
+    reads = []
+    for _ in range(times):
+        start = time.perf_counter()
+        connection.read(region, [(0, num_bytes)], out, 2.0)
+        reads.append(time.perf_counter() - start)
+    return statistics.median(reads)
+
+
+def fastest_link(candidates: Mapping[str, tuple[Connection, FabricProfile]], region: str
+                 ) -> tuple[str, FabricProfile, dict[str, float]]:  # fmt: skip
+    """Of several connections to one owner (transport -> (connection, that transport's configured profile)): the
+    transport whose probed small-message round trip is the lowest (ties: the first listed), its probed profile,
+    and every candidate's probed round trip in microseconds."""
+    probed = {name: probe_fabric(fabric, connection, region) for name, (connection, fabric) in candidates.items()}
+    best = min(probed, key=lambda name: probed[name].probe_us)
+    return best, probed[best], {name: profile.probe_us for name, profile in probed.items()}

@@ -30,6 +30,7 @@ from qroute.core.costmodel import Decision, FabricProfile, Workload, costs
 from qroute.core.geometry import MLAGeometry
 from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.blockcache import BlockCache
+from qroute.dataplane.decisionlog import PartTiming
 from qroute.dataplane.peer import Peer, probe_fabric
 from qroute.dataplane.shard import CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
@@ -119,14 +120,31 @@ class Router:
         self.stats = Metrics(ROUTER)
         self._request_ids = itertools.count(1)
         self._dense: dict[int, tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]] = {}
+        self.timings: list[PartTiming] | None = None  # a list: every remote part run appends its PartTiming
 
-    def add_peer(self, instance_id: str, connection, *, probe: bool = True) -> None:
-        """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable; with
-        ``probe``, its small-message and READ round trips are measured now and price its blocks from then on."""
+    def add_peer(self, instance_id: str, connection, fabric: FabricProfile | None = None,
+                 probed: FabricProfile | None = None, *, probe: bool = True) -> None:  # fmt: skip
+        """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable.
+        ``fabric``: the configured profile of the link's transport (default: the router's). ``probed``: that
+        profile with the link's round trips measured already (``fastest_link``); else, with ``probe``, they are
+        measured now. The probed profile prices the owner's blocks from then on."""
         if instance_id == self.config.instance_id:
             raise ConfigError(f"instance {instance_id!r} is this router's own instance, not a peer")
-        fabric = probe_fabric(self.fabric, connection, region_name(self.directory.name, 0)) if probe else None
-        self.peers[instance_id] = Peer(instance_id, connection, shard_layout(self.directory, instance_id), fabric)
+        base = fabric or self.fabric
+        if probed is None and probe:
+            probed = probe_fabric(base, connection, region_name(self.directory.name, 0))
+        layout = shard_layout(self.directory, instance_id)
+        self.peers[instance_id] = Peer(instance_id, connection, layout, probed, base)
+
+    def refresh_probes(self, max_age_s: float) -> None:
+        """Measure again the round trips of the peer probed longest ago, if that is over ``max_age_s`` ago: one
+        peer per call, so that a step pays for at most one probe."""
+        now = time.monotonic()
+        due = [p for p in self.peers.values() if p.fabric is not None and p.alive and now - p.probed_at > max_age_s]
+        if due:
+            peer = min(due, key=lambda p: p.probed_at)
+            peer.fabric = probe_fabric(peer.base_fabric, peer.connection, region_name(self.directory.name, 0))
+            peer.probed_at = time.monotonic()
 
     # -- plan: once per step --------------------------------------------------------------------------
 
@@ -230,20 +248,34 @@ class Router:
 
         Returns ``(out [T, H, R], lse [T, H])`` float32, natural log; ``(0, -inf)`` when nothing is attended.
         """
-        pending = [(part, self._post_route(layer, q_nope, q_pe, part, part.owners[0]))
-                   for part in plan.parts if part.decision is Decision.ROUTE]  # fmt: skip
+        pending = []
+        for part in plan.parts:
+            if part.decision is Decision.ROUTE:
+                started = time.perf_counter()
+                pending.append((part, self._post_route(layer, q_nope, q_pe, part, part.owners[0]),
+                                time.perf_counter() - started))  # fmt: skip
         results: list[Part] = [] if own is None else [own]
         for part in plan.parts:
             if part.decision is Decision.LOCAL:
                 results.append(self._local(layer, q_nope, q_pe, part))
                 self.stats.add("local")
             elif part.decision is Decision.FETCH:
+                started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
                 results.append(self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners))
-        for part, call in pending:
+                self._timed(layer, part, plan.num_rows, time.perf_counter() - started, fallbacks)
+        for part, call, posting in pending:
+            started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
             results.append(self._wait_route(layer, q_nope, q_pe, part, call))
+            self._timed(layer, part, plan.num_rows, posting + time.perf_counter() - started, fallbacks)
         if len(results) == 1:
             return results[0]
         return merge(results) if results else empty_part(q_nope.shape[0], q_nope.shape[1], self.params.kv_lora_rank)
+
+    def _timed(self, layer: int, part: OwnerPart, rows: int, seconds: float, fallbacks: int) -> None:
+        if self.timings is not None:
+            tokens = sum(block_tokens(self.directory, b) for b in part.block_ids)
+            self.timings.append(PartTiming(layer, part.owners[0], part.decision.value, tokens, rows, seconds,
+                                           self.stats["fallbacks"] != fallbacks))  # fmt: skip
 
     def _local(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart) -> Part:
         shard = self.local_shard

@@ -28,7 +28,15 @@ from typing import Any
 
 from qroute.core.config import COMPARED_MODES, Mode, group_mode
 from qroute.errors import QRouteError
-from qroute.ops.cluster import ClusterSpec, completion, http_json, start_cluster, stop_cluster
+from qroute.ops.cluster import (
+    CLUSTER_TRANSPORTS,
+    ClusterSpec,
+    completion,
+    http_json,
+    link_choices,
+    start_cluster,
+    stop_cluster,
+)
 
 QUESTION = "Which function computes the area of a circle, and what does it return?"
 TOLERANCE = 1e-4
@@ -204,6 +212,7 @@ def run_check(
             "kv_transfer_params": {"qroute": {"corpus": "no-such-corpus"}},
         })  # fmt: skip
         report["unknown_corpus"] = {"status": status, "message": str(body)[:300]}
+        report["links"] = {info.instance_id: link_choices(info.log) for info in state.instances}
     finally:
         stop_cluster(state)
     negative = report["negative_control"]
@@ -218,6 +227,10 @@ def run_check(
 def _print(report: dict[str, Any]) -> None:
     print(f"reference tokens: {report['reference']['tokens']}")
     print(f"chunks per instance: {report['chunks_per_instance']}")
+    for instance, peers in report.get("links", {}).items():
+        print(f"{instance} reaches " + ", ".join(f"{peer} over {link['transport']} (probed "
+              + ", ".join(f"{name} {us:.0f} us" for name, us in link["round_trips_us"].items()) + ")"
+              for peer, link in peers.items()))  # fmt: skip
     print(f"{'instance/mode':14s} {'identical':>9s} {'max|dlp| gen':>13s} {'prompt':>9s}  route/fetch/local "
           "(expected local, remote)")  # fmt: skip
     for key, r in report["runs"].items():
@@ -257,7 +270,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         help="corpus blocks (16 tokens) per chunk; small chunks spread a small corpus")
     parser.add_argument("--model-dir")
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--transport", choices=["tcp", "nixl"], default="tcp")
+    parser.add_argument("--transport", choices=CLUSTER_TRANSPORTS, default="tcp",
+                        help="nixl+tcp: both at once, each peer over the faster link it has")
     parser.add_argument("--selector", choices=["dense", "summary"], default="dense",
                         help="block selection of every request (summary: the top-k blocks by key bounds)")
     parser.add_argument("--topk", type=int, default=0, help="blocks per layer for --selector summary")

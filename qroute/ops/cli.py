@@ -136,6 +136,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.bench.transport",
         "qroute.bench.owner",
         "qroute.bench.decode",
+        "qroute.bench.sparse",
         "qroute.bench.ab",
         "qroute.ops.cluster_cli",
         "qroute.ops.check",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from qroute.errors import ConfigError, QRouteError
 
 STATE_ENV = "QROUTE_STATE_DIR"
 SECRET_ENV = "QROUTE_SECRET"
+NIXL_AND_TCP = "nixl+tcp"  # a cluster transport: both at once (ClusterSpec.owner_addresses)
+CLUSTER_TRANSPORTS = ("tcp", "nixl", NIXL_AND_TCP)
 START_TIMEOUT_S = 420.0  # two instances starting side by side on 2 cores take 60-90 s; leave room
 
 
@@ -96,6 +99,20 @@ def vllm_serve_command(model_dir: Path, port: int, *, max_model_len: int, extra:
         "--max-model-len", str(max_model_len), "--max-num-seqs", "8", "--served-model-name", "tiny",
         *extra,
     ]  # fmt: skip
+
+
+_LINK_LINE = re.compile(r"qroute: connected to owner '([^']+)' over (\w+) at \S+ \(probed round trips: ([^)]*)\)")
+
+
+def link_choices(log_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Peer -> {"transport", "round_trips_us"} of the connections an instance's log says it kept (the latest per
+    peer): which link reaches each owner, and what each candidate transport's probe measured."""
+    links: dict[str, dict[str, Any]] = {}
+    text = Path(log_path).read_text(errors="replace") if Path(log_path).exists() else ""
+    for peer, transport, trips in _LINK_LINE.findall(text):
+        round_trips = {name: float(us) for name, us in (t.removesuffix(" us").split() for t in trips.split(", "))}
+        links[peer] = {"transport": transport, "round_trips_us": round_trips}
+    return links
 
 
 def spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -223,7 +240,7 @@ class ClusterSpec:
     replicas: int = 1
     blocks_per_chunk: int = 16
     mode: str = "auto"
-    transport: str = "tcp"
+    transport: str = "tcp"  # one of CLUSTER_TRANSPORTS
     base_port: int = 8100
     max_model_len: int = 2048
     kv_blocks: int | None = None  # paged KV budget per instance in 16-token blocks (default: vLLM's choice)
@@ -234,6 +251,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if self.num_instances < 1:
             raise ConfigError(f"--instances must be >= 1, got {self.num_instances}")
+        if self.transport not in CLUSTER_TRANSPORTS:
+            raise ConfigError(f"--transport must be one of {', '.join(CLUSTER_TRANSPORTS)}, got {self.transport!r}")
         if self.corpus_dir is not None and not 1 <= self.replicas <= self.num_instances:
             raise ConfigError(f"--replicas must be in [1, {self.num_instances}], got {self.replicas}")
 
@@ -246,16 +265,26 @@ class ClusterSpec:
     def owner_port(self, k: int) -> int:
         return self.base_port + 100 + k
 
+    def owner_addresses(self, k: int) -> str | list[str]:
+        """Instance ``k``'s owner-service endpoints (``instances`` of the connector config): one on the spec's
+        transport; with ``nixl+tcp``, NIXL and TCP (a second port) on every instance but the last, TCP only on the
+        last, so that one cluster has peers reached over NIXL, over TCP, and over the faster of both."""
+        address = f"127.0.0.1:{self.owner_port(k)}"
+        if self.transport != NIXL_AND_TCP:
+            return address
+        tcp = f"tcp://127.0.0.1:{self.base_port + 200 + k}"
+        return tcp if k == self.num_instances - 1 else [f"nixl://{address}", tcp]
+
 
 def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
     """The ``--kv-transfer-config`` of instance ``k``."""
     ids = spec.instance_ids()
     extra = {
         "instance_id": ids[k],
-        "instances": {name: f"127.0.0.1:{spec.owner_port(j)}" for j, name in enumerate(ids)},
+        "instances": {name: spec.owner_addresses(j) for j, name in enumerate(ids)},
         "corpus": {"name": spec.corpus_name, "path": str(spec.corpus_dir), "replicas": spec.replicas,
                    "blocks_per_chunk": spec.blocks_per_chunk},
-        "transport": spec.transport,
+        "transport": "nixl" if spec.transport == NIXL_AND_TCP else spec.transport,
         "mode": spec.mode,
         "secret_env": SECRET_ENV,
     }  # fmt: skip

@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 
 from qroute.errors import ConfigError
-from qroute.ops.cluster import ClusterSpec, ClusterState, healthy, pid_alive, start_cluster, state_dir, stop_cluster
+from qroute.ops.cluster import (
+    CLUSTER_TRANSPORTS,
+    ClusterSpec,
+    ClusterState,
+    healthy,
+    pid_alive,
+    start_cluster,
+    state_dir,
+    stop_cluster,
+)
 
 
 def model_dir_or_tiny(model_dir: str | None) -> Path:
@@ -71,7 +80,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--blocks-per-chunk", type=int, default=16, help="16-token blocks per placement chunk")
     up.add_argument("--model-dir", help="model directory (default: the built-in tiny model)")
     up.add_argument("--mode", choices=["auto", "route", "fetch", "local"], default="auto")
-    up.add_argument("--transport", choices=["tcp", "nixl"], default="tcp")
+    up.add_argument("--transport", choices=CLUSTER_TRANSPORTS, default="tcp",
+                    help="nixl+tcp: both at once, each peer over the faster link it has")
     up.add_argument("--base-port", type=int, default=8100, help="HTTP ports base..base+N-1, owners base+100..")
     up.set_defaults(handler=_up)
     status = sub.add_parser("status", help="instances of the local cluster: URL, PID, owned chunks, health")

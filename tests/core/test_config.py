@@ -26,10 +26,10 @@ def test_defaults_and_derived_values():
     config = QRouteConfig.from_extra_config(_extra())
     assert (config.transport, config.mode, config.secret_env, config.timeout_s, config.cache_bytes) == (
         "tcp", "auto", "QROUTE_SECRET", 2.0, 0)  # fmt: skip
-    assert config.fabric_name == "loopback-tcp"
-    assert QRouteConfig.from_extra_config(_extra(transport="nixl")).fabric_name == "loopback-nixl"
+    assert config.fabric_name() == "loopback-tcp"
+    assert QRouteConfig.from_extra_config(_extra(transport="nixl")).fabric_name() == "loopback-nixl"
     assert config.instance_ids == ("a", "b")
-    assert config.address("b") == ("127.0.0.1", 7002)
+    assert config.endpoints("b") == {"tcp": ("127.0.0.1", 7002)}
     assert config.corpus.replicas == 1 and config.corpus.blocks_per_chunk == 4
 
 
@@ -50,11 +50,25 @@ def test_defaults_and_derived_values():
         ({"corpus": {"name": "repo", "path": "/x", "blocks_per_chunk": 0}}, "blocks_per_chunk"),
         ({"corpus": {"name": "", "path": "/x"}}, "name"),
         ({"surprise": 1}, "unknown keys"),
+        ({"instances": {"a": "udp://h:1", "b": "h:2"}}, "names transport 'udp'"),
+        ({"instances": {"a": ["tcp://h:1", "h:2"], "b": "h:3"}}, "lists transport 'tcp' twice"),
+        ({"instances": {"a": [], "b": "h:3"}}, "non-empty list"),
+        ({"instances": {"a": ["nixl://h:1", "tcp://h:x"], "b": "h:3"}}, "port"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, names):
     with pytest.raises(ConfigError, match=names):
         QRouteConfig.from_extra_config(_extra(**overrides))
+
+
+def test_an_instance_may_serve_several_transports_each_on_its_port():
+    config = QRouteConfig.from_extra_config(_extra(transport="nixl", instances={
+        "a": ["nixl://127.0.0.1:7001", "tcp://127.0.0.1:7101"], "b": "127.0.0.1:7002", "c": "tcp://10.0.0.3:7003"}))
+    assert config.endpoints("a") == {"nixl": ("127.0.0.1", 7001), "tcp": ("127.0.0.1", 7101)}
+    assert config.endpoints("b") == {"nixl": ("127.0.0.1", 7002)}  # no scheme: the configured transport
+    assert config.endpoints("c") == {"tcp": ("10.0.0.3", 7003)}
+    assert (config.fabric_name("tcp"), config.fabric_name("nixl")) == ("loopback-tcp", "loopback-nixl")
+    assert QRouteConfig.from_extra_config(_extra(fabric="rdma")).fabric_name("tcp") == "rdma"  # configured wins
 
 
 def test_required_keys():

@@ -353,3 +353,50 @@ def test_full_model_with_summary_selection_matches_one_instance_selecting_the_sa
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-5)
     dense = model.forward(torch.cat([prepared.token_ids, question]), torch.arange(n + len(question)))[n:]
     assert (logits - dense).abs().max() > 1e-2  # attending to 2 blocks is not attending to all of them
+
+
+def test_every_remote_part_run_is_timed_with_its_decision_and_selected_tokens(prepared, cluster):
+    _, servers, _, connections = cluster
+    router = make_router(prepared, connections, mode="auto", local=True)
+    router.timings = []
+    q_nope, q_pe = random_queries(prepared)
+    plan = router.plan(3, owner_modes={"b": "route", "c": "fetch"})
+    remote = [p for p in plan.parts if p.decision is not Decision.LOCAL]
+    assert {p.decision for p in remote} == {Decision.ROUTE, Decision.FETCH}
+    router.run(1, q_nope, q_pe, plan)
+    timed = {(t.owner, t.decision, t.tokens) for t in router.timings}
+    assert timed == {(p.owners[0], p.decision.value, sum(block_tokens(prepared.directory, b) for b in p.block_ids))
+                     for p in remote}  # fmt: skip
+    assert all(t.layer == 1 and t.rows == 3 and t.seconds > 0 and not t.fell_back for t in router.timings)
+    # a route whose owner is gone runs on a replica or as a fetch: timed, but marked as no measure of its decision
+    router.timings.clear()
+    routed_to_b = [p for p in remote if p.decision is Decision.ROUTE and p.owners[0] == "b"]
+    servers["b"].stop()
+    router.run(1, q_nope, q_pe, plan)
+    assert [t.fell_back for t in router.timings if t.owner == "b" and t.decision == "route"] == [True] * len(
+        routed_to_b
+    )
+
+
+def test_probes_measure_read_bandwidth_and_the_stalest_peer_is_probed_again(prepared, cluster):
+    from qroute.dataplane.peer import BANDWIDTH_PROBE_BYTES
+    from qroute.dataplane.shard import region_name
+
+    router = make_router(prepared, cluster[3], mode="auto", local=False)
+    region = region_name(prepared.directory.name, 0)
+    for peer in router.peers.values():
+        assert peer.connection.region_sizes[region] >= BANDWIDTH_PROBE_BYTES  # big enough to time a bandwidth
+        measured = peer.fabric.fetch_bandwidth_gbps
+        assert measured > 0 and measured != router.fabric.fetch_bandwidth_gbps
+        assert peer.base_fabric is router.fabric
+    b, c = router.peers["b"], router.peers["c"]
+    b.fabric = dataclasses.replace(b.fabric, probe_us=12345.0)
+    c.fabric = dataclasses.replace(c.fabric, probe_us=12345.0)
+    router.refresh_probes(3600.0)  # nobody is due
+    assert b.fabric.probe_us == c.fabric.probe_us == 12345.0
+    b.probed_at -= 7200.0
+    c.probed_at -= 3600.0
+    router.refresh_probes(60.0)  # both are due: the stalest only, one probe per call
+    assert b.fabric.probe_us != 12345.0 and c.fabric.probe_us == 12345.0
+    router.refresh_probes(60.0)
+    assert c.fabric.probe_us != 12345.0

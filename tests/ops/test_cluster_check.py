@@ -1,8 +1,9 @@
 """End to end through real ``vllm serve`` instances: the corpus sharded over three qroute instances, every one
 owning chunks, reproduces one stock instance holding corpus + question (DESIGN.md section 5) in every mode and in
-a mixed plan (one peer routed, the other fetched), over NIXL, asked on every instance at once; exact owner-layer
-counts by kind; a negative control that must fail; an unknown corpus is an HTTP 400. One reference instance, then
-three qroute instances (about 4 minutes)."""
+a mixed plan (one peer routed, the other fetched), asked on every instance at once; exact owner-layer counts by
+kind; a negative control that must fail; an unknown corpus is an HTTP 400. Two transports at once: i0 and i1 serve
+NIXL and TCP, i2 TCP only, so each instance reaches some peers over TCP and picks the faster of both for the others.
+One reference instance, then three qroute instances (about 4 minutes)."""
 
 import pytest
 
@@ -15,9 +16,9 @@ INSTANCES = ["i0", "i1", "i2"]
 @pytest.fixture(scope="module")
 def report(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-    # NIXL inside `vllm serve` here; the concurrent-requests test runs the cluster over TCP.
+    # NIXL and TCP inside `vllm serve` here; the concurrent-requests test runs the cluster over TCP.
     return run_check(tiny_fp32_model, sample_corpus, num_instances=len(INSTANCES), max_tokens=8, base_port=8450,
-                     transport="nixl")
+                     transport="nixl+tcp")
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,19 @@ def test_the_negative_control_fails_the_comparison(report):
 def test_unknown_corpus_is_a_400(report):
     assert report["unknown_corpus"]["status"] == 400
     assert "no-such-corpus" in report["unknown_corpus"]["message"]
+
+
+def test_each_peer_is_reached_over_the_link_with_the_lower_probed_round_trip(report):
+    links = report["links"]
+    assert set(links) == set(INSTANCES)
+    for instance, peers in links.items():
+        assert set(peers) == set(INSTANCES) - {instance}, peers
+        for peer, link in peers.items():
+            trips = link["round_trips_us"]
+            if "i2" in (instance, peer):  # i2 serves TCP only
+                assert set(trips) == {"tcp"} and link["transport"] == "tcp"
+            else:  # both serve both: both probed, the faster kept
+                assert set(trips) == {"nixl", "tcp"} and link["transport"] == min(trips, key=trips.get), link
+    # Both transports carried this check's traffic: NIXL's notification round trip (single-digit microseconds
+    # between processes here) beats a TCP request-reply (tens of microseconds), so i0 and i1 keep NIXL.
+    assert {links["i0"]["i1"]["transport"], links["i0"]["i2"]["transport"]} == {"nixl", "tcp"}, links
