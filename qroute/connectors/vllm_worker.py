@@ -37,6 +37,7 @@ from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.decisionlog import DecisionLog
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
+from qroute.dataplane.plan import RunItem
 from qroute.dataplane.router import Router, RouterConfig, StepPlan
 from qroute.dataplane.selection import BlockSummaries, choose_blocks, read_peer_summaries, summarise_shard
 from qroute.dataplane.shard import CorpusShard, chunk_blocks, compat_for, shard_layout
@@ -290,24 +291,24 @@ class QRouteWorkerSide:
                 self._attend_selected(layer, group, q_nope, q_pe, out, lse)
                 continue
             rows = group.rows
-            before = self.router.stats.values(_ROUTER_COUNTERS)
+            item = RunItem(q_nope[rows], group.shift(q_pe[rows]), group.plan, (out[rows], lse[rows]), tally={})
             try:
-                part = self.router.run(layer, q_nope[rows], group.shift(q_pe[rows]), group.plan,
-                                       own=(out[rows], lse[rows]))  # fmt: skip
+                [part] = self.router.run_many(layer, [item])
             except QRouteError as exc:
                 group.error = str(exc)
                 for run in group.runs:
                     self._fail(run, group.error)
                 continue
             finally:
-                self._count(group.runs, group.num_rows, before, group)
+                self._count(group.runs, group.num_rows, item.tally, group)
             out[rows], lse[rows] = part
         return out, lse
 
     def _attend_selected(self, layer: int, group: StepGroup, q_nope: torch.Tensor, q_pe: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor) -> None:
         """A selecting group: each member picks its blocks of this layer from its own queries; the members that
-        picked the same blocks share one router run (one message per owner)."""
+        picked the same blocks share one plan (one message per owner), and every plan of the group runs at once
+        (``Router.run_many``: all routes posted first, so that those to one owner overlap)."""
         q_pe_moved = group.shift(q_pe[group.rows])  # the group's rows, in member order, at corpus positions
         by_blocks: dict[tuple[int, ...], list[tuple[RequestRun, slice]]] = {}
         offset = 0
@@ -317,33 +318,36 @@ class QRouteWorkerSide:
             chosen = choose_blocks(self.summaries[layer], q_nope[run.start:run.stop], q_pe_moved[mine],
                                    group.visible_blocks, group.selection)  # fmt: skip
             by_blocks.setdefault(chosen, []).append((run, mine))
-        for block_ids, members in by_blocks.items():
-            runs = [run for run, _ in members]
-            rows = torch.cat([torch.arange(run.start, run.stop) for run in runs])
-            local_rows = torch.cat([torch.arange(m.start, m.stop) for _, m in members])
-            before = self.router.stats.values(_ROUTER_COUNTERS)
-            try:
+        subgroups = []  # (runs, their rows of the batch, their RunItem)
+        try:
+            for block_ids, members in by_blocks.items():
+                runs = [run for run, _ in members]
+                rows = torch.cat([torch.arange(run.start, run.stop) for run in runs])
+                local_rows = torch.cat([torch.arange(m.start, m.stop) for _, m in members])
                 plan = self.router.plan(len(rows), block_ids=block_ids, mode=group.mode,
                                         owner_modes=dict(group.owner_modes))  # fmt: skip
-                part = self.router.run(layer, q_nope[rows], q_pe_moved[local_rows], plan, own=(out[rows], lse[rows]))
-            except QRouteError as exc:
-                group.error = str(exc)  # the group skips its later layers: every member is failed, not only these
-                for run in group.runs:
-                    self._fail(run, group.error)
-                return
-            finally:
-                self._count(runs, len(rows), before, group)
+                item = RunItem(q_nope[rows], q_pe_moved[local_rows], plan, (out[rows], lse[rows]), tally={})
+                subgroups.append((runs, rows, item))
+            parts = self.router.run_many(layer, [item for _, _, item in subgroups])
+        except QRouteError as exc:
+            group.error = str(exc)  # the group skips its later layers: every member is failed
+            for run in group.runs:
+                self._fail(run, group.error)
+            return
+        finally:
+            for runs, rows, item in subgroups:
+                self._count(runs, len(rows), item.tally, group)
+        for (_, rows, _), part in zip(subgroups, parts, strict=True):
             out[rows], lse[rows] = part
 
-    def _count(self, runs: list[RequestRun], num_rows: int, before: list[int], group: StepGroup) -> None:
+    def _count(self, runs: list[RequestRun], num_rows: int, tally: dict[str, int], group: StepGroup) -> None:
         """Each member's share of operations run for ``runs`` together: every operation is also its own (its rows
         were in it); bytes are split by rows; ``shared`` counts the operations it shared with other requests. The
         run's part timings go to the decision log, if one is kept."""
         if self.decisions is not None:
             self.decisions.write(self.router.timings, mode=group.mode, selector=group.selection.selector,
                                  topk=group.selection.topk)  # fmt: skip
-        route, fetch, local, moved = (a - b for a, b in zip(self.router.stats.values(_ROUTER_COUNTERS), before,
-                                                            strict=True))  # fmt: skip
+        route, fetch, local, moved = (tally.get(name, 0) for name in _ROUTER_COUNTERS)
         shared = route + fetch + local if len(runs) > 1 else 0
         done = 0  # rows counted so far: the shares are differences of a running split, so they add up to `moved`
         for run in runs:

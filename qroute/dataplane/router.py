@@ -4,6 +4,8 @@
 local, fetch or route for each owner (``costmodel``). ``run`` runs once per layer: it posts the
 routes first, computes fetched and local parts while they are in flight, waits, and returns the
 exact merge of all corpus parts and the caller's own part (one merge: "own + corpus" lives here).
+``run_many`` runs several plans in one layer (requests that selected different blocks) with every route of every
+plan posted first. The plan's types are in ``plan``.
 Queries arrive roped at their corpus positions (the caller moves them: ``numerics.rope.PositionShift``).
 
 Failures: each remote call has a deadline. A failed route tries the next replica, then a fetch from
@@ -19,7 +21,6 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.blockcache import BlockCache
 from qroute.dataplane.decisionlog import PartTiming
 from qroute.dataplane.peer import Peer, probe_fabric
+from qroute.dataplane.plan import OwnerPart, RouterConfig, RunItem, StepPlan
 from qroute.dataplane.shard import CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
 from qroute.metrics import ROUTER, Metrics
@@ -42,46 +44,6 @@ logger = logging.getLogger(__name__)
 
 _DENSE_PLANS_KEPT = 64  # grouped block sets of dense plans kept (one per corpus prefix length in use)
 MAX_REUSE = 64.0  # the most reuse the predicate credits a fetch with
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    instance_id: str
-    mode: str = "auto"
-    timeout_s: float = 2.0
-    cache_bytes: int = 0  # bounded cache of fetched blocks; 0 disables it
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode {self.mode!r} is not one of {MODES}")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
-
-
-@dataclass(frozen=True)
-class OwnerPart:
-    """Blocks of one step that one owner group answers, and how; with what running it needs, prepared once per
-    step rather than per layer: the local rows (``slots``) and each owner's READ ranges (``read_ranges``)."""
-
-    block_ids: tuple[int, ...]
-    decision: Decision
-    owners: tuple[str, ...]  # replicas in preference order; empty for local blocks
-    slots: torch.Tensor | range | None = field(default=None, compare=False, repr=False)  # local rows of the blocks
-    _ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict, compare=False, repr=False)
-
-    def read_ranges(self, peer: Peer, row_bytes: int) -> list[tuple[int, int]]:
-        """Byte ranges of the blocks in ``peer``'s regions (computed on first use, then kept for the step)."""
-        ranges = self._ranges.get(peer.instance_id)
-        if ranges is None:
-            ranges = self._ranges[peer.instance_id] = byte_ranges(peer.block_rows, self.block_ids, row_bytes)
-        return ranges
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    corpus: str
-    num_rows: int
-    parts: tuple[OwnerPart, ...]
 
 
 class Router:
@@ -121,6 +83,7 @@ class Router:
         self._request_ids = itertools.count(1)
         self._dense: dict[int, tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]] = {}
         self.timings: list[PartTiming] | None = None  # a list: every remote part run appends its PartTiming
+        self._tally: dict[str, int] | None = None  # the running item's (run_many)
 
     def add_peer(self, instance_id: str, connection, fabric: FabricProfile | None = None,
                  probed: FabricProfile | None = None, *, probe: bool = True) -> None:  # fmt: skip
@@ -248,28 +211,51 @@ class Router:
 
         Returns ``(out [T, H, R], lse [T, H])`` float32, natural log; ``(0, -inf)`` when nothing is attended.
         """
+        return self.run_many(layer, [RunItem(q_nope, q_pe, plan, own)])[0]
+
+    def run_many(self, layer: int, items: Sequence[RunItem]) -> list[Part]:
+        """``run`` of several sets of rows, each with its own plan (requests that selected different blocks), with
+        every route of every item posted first: the round trips overlap, those to one owner arrive together (one
+        batch there), and the local and fetched parts are computed while they fly. Each item's ``tally`` (if any)
+        gets the operations and bytes run for it. A failure raises ``QRouteError`` for the whole call."""
         pending = []
-        for part in plan.parts:
-            if part.decision is Decision.ROUTE:
-                started = time.perf_counter()
-                pending.append((part, self._post_route(layer, q_nope, q_pe, part, part.owners[0]),
-                                time.perf_counter() - started))  # fmt: skip
-        results: list[Part] = [] if own is None else [own]
-        for part in plan.parts:
-            if part.decision is Decision.LOCAL:
-                results.append(self._local(layer, q_nope, q_pe, part))
-                self.stats.add("local")
-            elif part.decision is Decision.FETCH:
-                started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
-                results.append(self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners))
-                self._timed(layer, part, plan.num_rows, time.perf_counter() - started, fallbacks)
-        for part, call, posting in pending:
+        for item in items:
+            for part in item.plan.parts:
+                if part.decision is Decision.ROUTE:
+                    started = time.perf_counter()
+                    call = self._post_route(layer, item.q_nope, item.q_pe, part, part.owners[0])
+                    pending.append((item, part, call, time.perf_counter() - started))
+        results: list[list[Part]] = [[] if item.own is None else [item.own] for item in items]
+        for item, found in zip(items, results, strict=True):
+            self._tally = item.tally
+            for part in item.plan.parts:
+                if part.decision is Decision.LOCAL:
+                    found.append(self._local(layer, item.q_nope, item.q_pe, part))
+                    self._count("local")
+                elif part.decision is Decision.FETCH:
+                    started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
+                    found.append(self._fetch_with_fallback(layer, item.q_nope, item.q_pe, part, part.owners))
+                    self._timed(layer, part, item.plan.num_rows, time.perf_counter() - started, fallbacks)
+        found_for = {id(item): found for item, found in zip(items, results, strict=True)}
+        for item, part, call, posting in pending:
+            self._tally = item.tally
             started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
-            results.append(self._wait_route(layer, q_nope, q_pe, part, call))
-            self._timed(layer, part, plan.num_rows, posting + time.perf_counter() - started, fallbacks)
-        if len(results) == 1:
-            return results[0]
-        return merge(results) if results else empty_part(q_nope.shape[0], q_nope.shape[1], self.params.kv_lora_rank)
+            found_for[id(item)].append(self._wait_route(layer, item.q_nope, item.q_pe, part, call))
+            self._timed(layer, part, item.plan.num_rows, posting + time.perf_counter() - started, fallbacks)
+        self._tally = None
+        return [self._merged(item, found) for item, found in zip(items, results, strict=True)]
+
+    def _merged(self, item: RunItem, found: list[Part]) -> Part:
+        if len(found) == 1:
+            return found[0]
+        rows, heads = item.q_nope.shape[:2]
+        return merge(found) if found else empty_part(rows, heads, self.params.kv_lora_rank)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        """Count ``name`` in the router's stats and in the tally of the item being run."""
+        self.stats.add(name, n)
+        if self._tally is not None:
+            self._tally[name] = self._tally.get(name, 0) + n
 
     def _timed(self, layer: int, part: OwnerPart, rows: int, seconds: float, fallbacks: int) -> None:
         if self.timings is not None:
@@ -317,12 +303,12 @@ class Router:
                 call = self._post_route(layer, q_nope, q_pe, part, owner)
             try:
                 result = self._route_result(call)
-                self.stats.add("route")
+                self._count("route")
                 return result
             except (TransportError, RemoteError, ConnectionError, wire.WireError) as exc:
                 self._failed(owner, exc, reading=False)
                 tried.append(f"route to {owner!r}: {exc}")
-                self.stats.add("fallbacks")
+                self._count("fallbacks")
         return self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners, tried)
 
     def _route_result(self, call) -> Part:
@@ -335,7 +321,7 @@ class Router:
         if not isinstance(reply, wire.RouteReply):
             raise wire.WireError(f"owner {owner!r} answered a route with {type(reply).__name__}")
         self.stats.observe("route_s", time.perf_counter() - start)
-        self.stats.add("bytes_moved", sent + len(reply.out.data) + len(reply.lse.data))
+        self._count("bytes_moved", sent + len(reply.out.data) + len(reply.lse.data))
         return wire.as_torch(reply.out).float(), wire.as_torch(reply.lse)
 
     # fetch
@@ -345,7 +331,7 @@ class Router:
         if self.cache is not None:
             rows = self.cache.get(self.directory.name, layer, part.block_ids)
             if rows is not None:
-                self.stats.add("local")
+                self._count("local")
                 return self._attend_rows(q_nope, q_pe, rows)
         for owner in owners:
             try:
@@ -353,9 +339,9 @@ class Router:
             except (TransportError, ConnectionError, ConfigError) as exc:
                 self._failed(owner, exc, reading=True)
                 tried.append(f"fetch from {owner!r}: {exc}")
-                self.stats.add("fallbacks")
+                self._count("fallbacks")
                 continue
-            self.stats.add("fetch")
+            self._count("fetch")
             if self.cache is not None:
                 self._cache_blocks(layer, part.block_ids, rows)
             return self._attend_rows(q_nope, q_pe, rows)
@@ -381,7 +367,7 @@ class Router:
         start = time.perf_counter()
         peer.connection.read(region_name(self.directory.name, layer), ranges, out, self.config.timeout_s)
         self.stats.observe("fetch_s", time.perf_counter() - start)
-        self.stats.add("bytes_moved", total)
+        self._count("bytes_moved", total)
         return self.row_format.decode(self.row_format.from_bytes(torch.from_numpy(out)))
 
     def _cache_blocks(self, layer: int, block_ids: tuple[int, ...], rows: torch.Tensor) -> None:

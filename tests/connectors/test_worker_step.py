@@ -171,6 +171,7 @@ def test_requests_of_a_step_share_one_route_per_owner_and_layer(sides, monkeypat
 
 def test_the_plan_is_reused_across_layers(sides, monkeypatch):
     """No layer walks block ids: the local rows and the READ ranges are prepared when the step is planned."""
+    from qroute.dataplane import plan as plan_module
     from qroute.dataplane import router as router_module
 
     a = sides["a"]
@@ -179,7 +180,8 @@ def test_the_plan_is_reused_across_layers(sides, monkeypatch):
     walks = []
     monkeypatch.setattr(a.shard, "slots", lambda ids: walks.append(("slots", ids)))
     real_ranges = router_module.byte_ranges
-    monkeypatch.setattr(router_module, "byte_ranges", lambda *args: walks.append("ranges") or real_ranges(*args))
+    for module in (plan_module, router_module):  # the plan's prepared ranges, and the router's unprepared ones
+        monkeypatch.setattr(module, "byte_ranges", lambda *args: walks.append("ranges") or real_ranges(*args))
     for layer in range(a.geometry.num_layers):
         a.attend_step(layer, q_nope, q_pe, (own[0].clone(), own[1].clone()))
     a.end_step()

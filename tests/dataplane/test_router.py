@@ -400,3 +400,47 @@ def test_probes_measure_read_bandwidth_and_the_stalest_peer_is_probed_again(prep
     assert b.fabric.probe_us != 12345.0 and c.fabric.probe_us == 12345.0
     router.refresh_probes(60.0)
     assert c.fabric.probe_us != 12345.0
+
+
+def test_run_many_posts_every_route_first_and_tallies_each_item(prepared, cluster):
+    from qroute.dataplane.plan import RunItem
+
+    router = make_router(prepared, cluster[3], mode="route", local=True)
+    events: list[str] = []
+    for peer in router.peers.values():
+        real_post = peer.connection.post
+
+        class Seen:  # the real pending call, its wait recorded
+            def __init__(self, pending):
+                self.pending = pending
+
+            def wait(self, timeout_s):
+                events.append("wait")
+                return self.pending.wait(timeout_s)
+
+        def post(payload, real_post=real_post, **kw):
+            events.append("post")
+            return Seen(real_post(payload, **kw))
+
+        peer.connection.post = post
+    blocks = list(range(prepared.directory.num_blocks))
+    q_a, q_b = random_queries(prepared, 2, seed=1), random_queries(prepared, 1, seed=2)
+    plan_a = router.plan(2, block_ids=blocks[::2], mode="route")
+    plan_b = router.plan(1, block_ids=blocks[1::2], owner_modes={"c": "fetch"})
+    items = [RunItem(*q_a, plan_a, tally={}), RunItem(*q_b, plan_b, tally={})]
+    before = router.stats.snapshot().counters
+    parts = router.run_many(0, items)
+    after = router.stats.snapshot().counters
+    posts = events.count("post")
+    assert posts == sum(p.decision is Decision.ROUTE for plan in (plan_a, plan_b) for p in plan.parts) >= 2
+    assert events[:posts] == ["post"] * posts  # every route of both items in flight before the first wait
+    for item, plan in zip(items, (plan_a, plan_b), strict=True):
+        for kind in (Decision.ROUTE, Decision.FETCH, Decision.LOCAL):
+            assert item.tally.get(kind.value, 0) == sum(p.decision is kind for p in plan.parts)
+    for name in ("route", "fetch", "local", "bytes_moved"):
+        assert sum(item.tally.get(name, 0) for item in items) == after[name] - before[name]
+    for (q_nope, q_pe), plan, (out, lse) in zip((q_a, q_b), (plan_a, plan_b), parts, strict=True):
+        slots = corpus_positions(prepared.directory, [b for p in plan.parts for b in p.block_ids])
+        ref = partial_attention(q_nope, q_pe, prepared.all_rows[0], slots, prepared.params.scale, 512)
+        torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=0)
