@@ -1,9 +1,8 @@
 """The decision log: every remote part a requester ran, its planned decision and how long it took, one JSON line
 each in ``<dir>/<instance id>.jsonl`` when ``QROUTE_DECISION_LOG=<dir>`` is set (off by default).
 
-A diagnostic: ``qroute bench sparse`` compares the parts ``auto`` decided with what ``route`` and ``fetch``
-measured on the same parts (same layer, owner, selected tokens and rows), to count the decisions that chose the
-slower option.
+A diagnostic: ``qroute bench sparse`` reads which way ``auto`` decided each owner's parts, to count the decisions
+that differ from the route/fetch assignment that measured fastest; the times show where a layer's time goes.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ class PartTiming:
     rows: int
     seconds: float
     fell_back: bool  # it ran on another replica or as a fetch: not a measure of its decision
+    predicted_us: float = 0.0  # what the predicate priced the decision at (before the peer's measured ratio)
 
 
 class DecisionLog:

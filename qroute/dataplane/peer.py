@@ -29,6 +29,7 @@ DEAD_PEER_BACKOFF_S = 5.0  # skip a peer that just failed for this long before t
 PROBES = 8  # round trips timed per probe (the median counts)
 BANDWIDTH_PROBE_BYTES = 256 << 10  # one READ this big, less a small one, times the link's read bandwidth
 BANDWIDTH_PROBES = 3
+PROBES_KEPT = 5  # a peer is priced on the median of its last this many probes: one probe on a busy core moves nothing
 
 
 class Peer:
@@ -39,7 +40,7 @@ class Peer:
     """
 
     __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at", "fabric",
-                 "base_fabric", "probed_at")  # fmt: skip
+                 "base_fabric", "probed_at", "probes")  # fmt: skip
 
     def __init__(self, instance_id: str, connection, block_rows: BlockRows, fabric: FabricProfile | None = None,
                  base_fabric: FabricProfile | None = None):  # fmt: skip
@@ -48,9 +49,12 @@ class Peer:
         self.block_rows = block_rows
         self.calls_failed_at = -float("inf")
         self.reads_failed_at = -float("inf")
-        self.fabric = fabric  # the profile with this peer's probe latencies measured on its link; None: not probed
         self.base_fabric = base_fabric or fabric  # the link's configured profile, which a new probe starts from
+        self.probes: list[FabricProfile] = []  # the last PROBES_KEPT probed profiles
+        self.fabric: FabricProfile | None = None  # what prices this peer's blocks; None: not probed
         self.probed_at = time.monotonic()
+        if fabric is not None:
+            self.probed(fabric)
 
     @property
     def can_call(self) -> bool:
@@ -74,6 +78,16 @@ class Peer:
         one_sided = isinstance(self.connection, SupportsOneSidedRead)
         if isinstance(exc, ConnectionError) or not one_sided:  # gone (RemoteDisconnected too), or reads need its CPU
             self.calls_failed_at = self.reads_failed_at = now
+
+    def probed(self, profile: FabricProfile) -> None:
+        """Take a new probe: the peer is priced on the median, over its last ``PROBES_KEPT`` probes, of each
+        measured figure (so that one probe taken while a core was busy does not flip its decisions)."""
+        self.probes = [*self.probes[-(PROBES_KEPT - 1):], profile]
+        self.probed_at = time.monotonic()
+        figures = {name: statistics.median(getattr(p, name) for p in self.probes)
+                   for name in ("probe_us", "fetch_probe_us", "fetch_bandwidth_gbps")
+                   if all(getattr(p, name) is not None for p in self.probes)}  # fmt: skip
+        self.fabric = dataclasses.replace(profile, **figures)
 
     def __repr__(self) -> str:
         return f"Peer({self.instance_id!r}, can_call={self.can_call}, can_read={self.can_read})"

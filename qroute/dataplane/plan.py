@@ -38,6 +38,7 @@ class OwnerPart:
     block_ids: tuple[int, ...]
     decision: Decision
     owners: tuple[str, ...]  # replicas in preference order; empty for local blocks
+    predicted_us: float = 0.0  # the predicate's cost of the decision (0 for local blocks)
     slots: torch.Tensor | range | None = field(default=None, compare=False, repr=False)  # local rows of the blocks
     _ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict, compare=False, repr=False)
 

@@ -106,8 +106,7 @@ class Router:
         due = [p for p in self.peers.values() if p.fabric is not None and p.alive and now - p.probed_at > max_age_s]
         if due:
             peer = min(due, key=lambda p: p.probed_at)
-            peer.fabric = probe_fabric(peer.base_fabric, peer.connection, region_name(self.directory.name, 0))
-            peer.probed_at = time.monotonic()
+            peer.probed(probe_fabric(peer.base_fabric, peer.connection, region_name(self.directory.name, 0)))
 
     # -- plan: once per step --------------------------------------------------------------------------
 
@@ -136,7 +135,8 @@ class Router:
         owner_modes = owner_modes or {}
         for owners, blocks in groups.items():
             decided_by = group_mode(owners, owner_modes, mode)
-            parts.append(OwnerPart(blocks, self._decide(decided_by, num_rows, owners, blocks), owners))
+            decision, predicted_us = self._decide(decided_by, num_rows, owners, blocks)
+            parts.append(OwnerPart(blocks, decision, owners, predicted_us=predicted_us))
         return StepPlan(corpus=self.directory.name, num_rows=num_rows, parts=tuple(parts))
 
     def _dense_groups(self, last: int) -> tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]:
@@ -160,11 +160,10 @@ class Router:
         part = OwnerPart(tuple(local), Decision.LOCAL, (), slots=self.local_shard.slots(local)) if local else None
         return part, {owners: tuple(blocks) for owners, blocks in groups.items()}
 
-    def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: tuple[int, ...]) -> Decision:
-        if mode == Mode.ROUTE:
-            return Decision.ROUTE
-        if mode == Mode.FETCH:
-            return Decision.FETCH
+    def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: tuple[int, ...]
+                ) -> tuple[Decision, float]:  # fmt: skip
+        """The decision for one owner group's blocks and its predicted cost in microseconds (forced modes are
+        priced too, for the decision log)."""
         if mode == Mode.LOCAL:
             raise ConfigError(
                 f"mode 'local' needs every corpus block resident, but blocks {blocks[:4]}... live on {owners}; "
@@ -178,7 +177,9 @@ class Router:
             reuse=self.observed_reuse(),
             block_size=self.directory.block_size,
         )
-        return costs(self.geometry, self.fabric_for(owners), workload).decision
+        c = costs(self.geometry, self.fabric_for(owners), workload)
+        decision = {Mode.ROUTE: Decision.ROUTE, Mode.FETCH: Decision.FETCH}.get(mode, c.decision)
+        return decision, c.route_us if decision is Decision.ROUTE else c.fetch_us
 
     def fabric_for(self, owners: tuple[str, ...]) -> FabricProfile:
         """The fabric that prices a group's blocks: its first reachable owner's probed profile, else the
@@ -260,8 +261,9 @@ class Router:
     def _timed(self, layer: int, part: OwnerPart, rows: int, seconds: float, fallbacks: int) -> None:
         if self.timings is not None:
             tokens = sum(block_tokens(self.directory, b) for b in part.block_ids)
+            fell_back = self.stats["fallbacks"] != fallbacks
             self.timings.append(PartTiming(layer, part.owners[0], part.decision.value, tokens, rows, seconds,
-                                           self.stats["fallbacks"] != fallbacks))  # fmt: skip
+                                           fell_back, part.predicted_us))  # fmt: skip
 
     def _local(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, part: OwnerPart) -> Part:
         shard = self.local_shard

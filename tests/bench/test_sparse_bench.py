@@ -1,39 +1,43 @@
-"""``qroute bench sparse`` judges auto's decisions against what route and fetch measured on the same parts."""
+"""``qroute bench sparse`` judges auto's decisions against the route/fetch assignment that measured fastest."""
 
 from __future__ import annotations
 
-import pytest
-
-from qroute.bench.sparse import mispredictions
+from qroute.bench.sparse import assignments, mispredictions
 
 
-def _record(mode, decision, seconds, *, tokens=64, layer=0, topk=4, fell_back=False):
-    return {"mode": mode, "selector": "summary", "topk": topk, "layer": layer, "owner": "i1", "tokens": tokens,
-            "rows": 4, "decision": decision, "seconds": seconds, "fell_back": fell_back}  # fmt: skip
+def _record(decision, *, owner="i1", topk=4, mode="auto", fell_back=False):
+    return {"mode": mode, "selector": "summary", "topk": topk, "layer": 0, "owner": owner, "tokens": 64, "rows": 1,
+            "decision": decision, "seconds": 1e-4, "fell_back": fell_back}  # fmt: skip
 
 
-def test_an_auto_decision_is_wrong_where_the_other_option_measured_faster():
+def test_every_way_to_decide_the_peers_is_an_assignment():
+    ways = assignments(["i1", "i2"])
+    assert ways == {"i1=route,i2=route": {"i1": "route", "i2": "route"},
+                    "i1=route,i2=fetch": {"i1": "route", "i2": "fetch"},
+                    "i1=fetch,i2=route": {"i1": "fetch", "i2": "route"},
+                    "i1=fetch,i2=fetch": {"i1": "fetch", "i2": "fetch"}}  # fmt: skip
+
+
+def test_an_auto_decision_is_wrong_where_the_best_assignment_decides_otherwise():
+    best = {"4": {"i1": "route", "i2": "fetch"}, "64": {"i1": "route", "i2": "route"}}
     records = [
-        # part A (64 tokens): route measured 1.0 / 1.2, fetch 2.0: route is faster
-        _record("route", "route", 1.0), _record("route", "route", 1.2), _record("fetch", "fetch", 2.0),
-        # part B (16 tokens): fetch is faster
-        _record("route", "route", 3.0, tokens=16), _record("fetch", "fetch", 1.0, tokens=16),
-        _record("auto", "route", 9.9),  # A: right
-        _record("auto", "route", 9.9, tokens=16),  # B: wrong, lost 3.0 - 1.0
-        _record("auto", "fetch", 9.9, tokens=16),  # B: right
-        _record("auto", "fetch", 9.9, tokens=999),  # never measured both ways: not judged
-        _record("fetch", "fetch", 0.1, tokens=16, fell_back=True),  # fell back: not a measure
+        _record("route"), _record("route"), _record("fetch"),  # i1 at 4: one wrong of 3
+        _record("fetch", owner="i2"),  # right
+        _record("fetch", owner="i2", topk=64),  # wrong
+        _record("route", mode="route"),  # not auto: not judged
+        _record("fetch", fell_back=True),  # fell back: not a measure of its decision
+        _record("fetch", topk=16),  # no assignment measured at 16: counted, not judged
     ]  # fmt: skip
-    got = mispredictions(records)
-    assert got["decisions_judged"] == 3 and got["decisions_unmatched"] == 1
-    assert got["mispredicted_fraction"] == pytest.approx(1 / 3)
-    assert got["mispredicted_excess"] == pytest.approx(2.0 / (1.1 + 1.0 + 1.0))
-    assert got["mispredicted_by_topk"] == {"4": pytest.approx(1 / 3)}
-    assert got["auto_routed_fraction"] == pytest.approx(2 / 4)
+    got = mispredictions(records, best)
+    assert got["decisions_judged"] == 5
+    assert got["mispredicted_fraction"] == 2 / 5
+    assert got["mispredicted_by_topk"] == {"4": 1 / 4, "64": 1.0}
+    assert got["auto_decisions"]["4"] == {"i1": {"route": 2, "fetch": 1}, "i2": {"fetch": 1}}
+    assert got["auto_decisions"]["16"] == {"i1": {"fetch": 1}}
 
 
 def test_no_auto_decisions_is_no_figure_not_zero():
-    got = mispredictions([_record("route", "route", 1.0)])
+    got = mispredictions([_record("route", mode="route")], {"4": {"i1": "route"}})
     assert got["mispredicted_fraction"] is None and got["decisions_judged"] == 0
 
 

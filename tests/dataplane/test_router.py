@@ -444,3 +444,4 @@ def test_run_many_posts_every_route_first_and_tallies_each_item(prepared, cluste
         ref = partial_attention(q_nope, q_pe, prepared.all_rows[0], slots, prepared.params.scale, 512)
         torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=0)
+
