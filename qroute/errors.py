@@ -58,6 +58,7 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 12
     DEADLINE = 13
     INTERNAL = 14
+    NOT_READY = 15  # the owner holds the blocks but has not stored their rows (yet, or again after a restart)
 
     def __str__(self) -> str:
         return self.name.lower()

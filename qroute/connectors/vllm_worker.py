@@ -25,11 +25,11 @@ ends there (``max_tokens=1``) still returns normally, with ``"error"``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
+from qroute.connectors.vllm_step import RequestRun, StepGroup, batch_rows
 from qroute.core.config import QRouteConfig, Selection
 from qroute.core.costmodel import Decision, load_fabric
 from qroute.core.geometry import geometry_from_config, load_config
@@ -38,7 +38,7 @@ from qroute.dataplane.decisionlog import DecisionLog
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.plan import RunItem
-from qroute.dataplane.router import Router, RouterConfig, StepPlan
+from qroute.dataplane.router import Router, RouterConfig
 from qroute.dataplane.selection import BlockSummaries, choose_blocks, read_peer_summaries, summarise_shard
 from qroute.dataplane.shard import CorpusShard, chunk_blocks, compat_for, shard_layout
 from qroute.errors import ConfigError, QRouteError
@@ -54,41 +54,6 @@ PEER_WAIT_FACTOR = 5  # a step waits at most this many timeout_s for owners that
 PROBE_REFRESH_S = 30.0  # each peer's round trips are measured again this often (one peer per step at most)
 # vLLM ropes DeepSeek with is_neox_style=False whatever the checkpoint's rope_interleave says.
 INTERLEAVED = True
-
-@dataclass
-class RequestRun:
-    """One request's corpus work for the current step (built in ``start_step``)."""
-
-    step: RequestStep
-    start: int  # first query row in the batch
-    stop: int
-    shift: PositionShift  # own positions -> shift + own positions
-    attends: tuple | None = None  # what it attends to, (before_token, mode, owner_modes, selection); None: none
-    store_rows: torch.Tensor | None = None  # shard rows of the first len(store_rows) query rows
-    error: str | None = None
-
-
-@dataclass
-class StepGroup:
-    """The requests of one step that attend to the same corpus blocks under the same modes: their rows go
-    together, so each layer makes one router run (one message per owner) for all of them, decided once."""
-
-    runs: list[RequestRun]
-    rows: slice | torch.Tensor  # their rows of the batch, in order (a slice where they are adjacent)
-    num_rows: int
-    shift: PositionShift  # every member's shift, stacked
-    plan: StepPlan  # every visible block (dense); a selecting group plans its selected blocks per layer
-    selection: Selection = Selection()
-    mode: str = "auto"
-    owner_modes: tuple[tuple[str, str], ...] = ()
-    visible_blocks: int = 0
-    error: str | None = None
-
-
-def _batch_rows(runs: list[RequestRun]) -> slice | torch.Tensor:
-    if all(a.stop == b.start for a, b in zip(runs, runs[1:], strict=False)):
-        return slice(runs[0].start, runs[-1].stop)  # a view, no gather
-    return torch.cat([torch.arange(run.start, run.stop) for run in runs])
 
 
 class QRouteWorkerSide:
@@ -145,8 +110,10 @@ class QRouteWorkerSide:
         fmt = row_format(self.store_dtype, self.params.kv_lora_rank, self.width - self.params.kv_lora_rank)
         if self.config.selector == "summary":  # every block's key bounds, for selection (its own and its peers')
             self.summaries = [BlockSummaries(self.directory.num_blocks, self.width) for _ in range(num_layers)]
+        # the store starts empty: no block is served until its chunk's prefill has stored every layer
         self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows, fmt,
-                                 summaries=[s.table for s in self.summaries] if self.summaries else None)
+                                 summaries=[s.table for s in self.summaries] if self.summaries else None,
+                                 ready=torch.zeros(self.directory.num_blocks, dtype=torch.uint8))  # fmt: skip
         fingerprint = self.directory.model_fingerprint
         service = OwnerService({self.directory.name: self.shard}, self.params, instance_id=self.config.instance_id,
                                model_fingerprint=fingerprint, secret=self.secret)  # fmt: skip
@@ -247,7 +214,7 @@ class QRouteWorkerSide:
                 self._fail(run, error)
             return None
         shift = runs[0].shift if len(runs) == 1 else PositionShift.cat([run.shift for run in runs])
-        return StepGroup(runs, _batch_rows(runs), num_rows, shift, plan, selection, mode, owner_modes, visible)
+        return StepGroup(runs, batch_rows(runs), num_rows, shift, plan, selection, mode, owner_modes, visible)
 
     def _prepare_selection(self, selection: Selection, visible: int) -> str | None:
         """Make ``selection`` ready to run: the summaries of the first ``visible`` blocks must all be known (this
@@ -378,17 +345,19 @@ class QRouteWorkerSide:
         chunk = d.chunk(step.store_chunk)
         if len(done) == self.geometry.num_layers and step.first_pos + num == chunk.end - chunk.start:
             del self._stored_layers[step.req_id]
-            self._summarise(chunk)
-            self._stored_chunks.add(step.store_chunk)
+            self.chunk_stored(chunk)
             self._report.stored[step.req_id] = step.store_chunk
             logger.info("qroute: stored chunk %d of %d (corpus %s)", step.store_chunk, len(d.chunks), d.name)
         elif len(done) == self.geometry.num_layers:
             del self._stored_layers[step.req_id]  # a partial step (chunked prefill): the rest comes later
 
-    def _summarise(self, chunk) -> None:
-        """Key bounds of a stored chunk's blocks, every layer (selector "summary")."""
+    def chunk_stored(self, chunk) -> None:
+        """A chunk's rows are in the store, every layer: summarise its blocks (selector "summary") and serve them."""
+        blocks = chunk_blocks(self.directory, chunk)
         if self.summaries is not None:
-            summarise_shard(self.summaries, self.shard, chunk_blocks(self.directory, chunk))
+            summarise_shard(self.summaries, self.shard, blocks)
+        self.shard.mark_ready(blocks)
+        self._stored_chunks.add(chunk.chunk_id)
 
     def _fail(self, run: RequestRun, error: str) -> None:
         run.error = error

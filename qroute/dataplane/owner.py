@@ -177,6 +177,9 @@ class OwnerService:
                 missing = [b for b in block_ids if b not in shard.block_rows][:8]
                 raise _Refused(ErrorCode.BAD_REQUEST, f"owner {self.instance_id!r} does not hold blocks {missing}")
             held.add((corpus, block_ids))
+        not_ready = shard.not_ready(block_ids)
+        if not_ready:  # its store was emptied (a restart) or not filled yet: zeros would be a wrong answer
+            raise _Refused(ErrorCode.NOT_READY, f"owner {self.instance_id!r} has not stored blocks {not_ready[:8]}")
         return shard
 
     def _error(self, request_id: int, code: ErrorCode, message: str) -> bytes:

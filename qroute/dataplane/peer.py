@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from qroute.core.costmodel import FabricProfile
-from qroute.dataplane.shard import BlockRows
-from qroute.errors import ConfigError, TransportError
+from qroute.dataplane.shard import BlockRows, ready_region_name
+from qroute.errors import ConfigError, ErrorCode, RemoteError, TransportError
 from qroute.transport import Connection, SupportsOneSidedRead, SupportsRawPing
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Peer:
     """
 
     __slots__ = ("instance_id", "connection", "block_rows", "calls_failed_at", "reads_failed_at", "fabric",
-                 "base_fabric", "probed_at", "probes")  # fmt: skip
+                 "base_fabric", "probed_at", "probes", "ready_blocks", "all_ready")  # fmt: skip
 
     def __init__(self, instance_id: str, connection, block_rows: BlockRows, fabric: FabricProfile | None = None,
                  base_fabric: FabricProfile | None = None):  # fmt: skip
@@ -55,6 +55,8 @@ class Peer:
         self.probed_at = time.monotonic()
         if fabric is not None:
             self.probed(fabric)
+        self.ready_blocks: np.ndarray | None = None  # the owner's ready flags as last read
+        self.all_ready = False  # every block it holds was ready: its flags need no more reading
 
     @property
     def can_call(self) -> bool:
@@ -88,6 +90,25 @@ class Peer:
                    for name in ("probe_us", "fetch_probe_us", "fetch_bandwidth_gbps")
                    if all(getattr(p, name) is not None for p in self.probes)}  # fmt: skip
         self.fabric = dataclasses.replace(profile, **figures)
+
+    def check_ready(self, corpus: str, block_ids: Sequence[int], timeout_s: float) -> None:
+        """Raise ``RemoteError(NOT_READY)`` unless the owner has stored ``block_ids`` (its flags are read again,
+        one-sidedly, while any of them is not known ready): a one-sided read of rows it has not stored would
+        return zeros. A restarted owner is a new connection, so a new ``Peer`` that reads its flags afresh."""
+        if self.all_ready:
+            return
+        known = self.ready_blocks
+        if known is not None and known[list(block_ids)].all():
+            return
+        flags = np.empty(self.connection.region_sizes.get(ready_region_name(corpus), 0), np.uint8)
+        if flags.size == 0:
+            raise RemoteError(ErrorCode.NOT_READY, f"owner {self.instance_id!r} exposes no ready flags")
+        self.connection.read(ready_region_name(corpus), [(0, flags.size)], flags, timeout_s)
+        self.ready_blocks = flags
+        self.all_ready = bool(flags[list(self.block_rows)].all())
+        missing = [b for b in block_ids if not flags[b]]
+        if missing:
+            raise RemoteError(ErrorCode.NOT_READY, f"owner {self.instance_id!r} has not stored blocks {missing[:8]}")
 
     def __repr__(self) -> str:
         return f"Peer({self.instance_id!r}, can_call={self.can_call}, can_read={self.can_read})"

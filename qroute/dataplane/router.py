@@ -338,7 +338,7 @@ class Router:
         for owner in owners:
             try:
                 rows = self.read_rows(layer, part.block_ids, owner, part=part)
-            except (TransportError, ConnectionError, ConfigError) as exc:
+            except (TransportError, ConnectionError, ConfigError, RemoteError) as exc:
                 self._failed(owner, exc, reading=True)
                 tried.append(f"fetch from {owner!r}: {exc}")
                 self._count("fallbacks")
@@ -360,6 +360,7 @@ class Router:
         peer = self.peers.get(owner)
         if peer is None or not peer.can_read:
             raise _Unreachable(f"owner {owner!r} is not connected or recently failed")
+        peer.check_ready(self.directory.name, block_ids, self.config.timeout_s)
         if part is not None:
             ranges = part.read_ranges(peer, self.row_bytes)
         else:

@@ -7,6 +7,11 @@ itself, without asking the owner.
 Tensors: each layer's rows are ``[num_rows, kv_lora_rank + rope_dim]``, contiguous, on the host;
 ``k_pe`` is roped at the token's global corpus position. These tensors are the only memory an owner
 registers with a transport (``regions()``).
+
+Readiness: ``ready`` (uint8 per corpus block, also a region) says which held blocks have their rows stored. An
+owner whose rows are given at construction is ready at once; an engine's store starts empty and marks each chunk
+when its prefill has written every layer (``mark_ready``). A block that is not ready is never answered from: the
+owner refuses routes to it (``NOT_READY``) and a requester reads the flags before it trusts a fetch (the router).
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ def region_name(corpus: str, layer: int) -> str:
     return f"{corpus}/layer{layer}"
 
 
+def ready_region_name(corpus: str) -> str:
+    """Name of the transport region holding an owner's per-block ready flags (``CorpusShard.ready``)."""
+    return f"{corpus}/ready"
+
+
 def summary_region_name(corpus: str, layer: int) -> str:
     """Name of the transport region holding one layer's block summaries (``selection.BlockSummaries``)."""
     return f"{corpus}/summary{layer}"
@@ -98,7 +108,10 @@ class CorpusShard:
     format: RowFormat
     # per layer [num_blocks, 2, width] float32: every corpus block's key bounds (selection), exposed as regions
     summaries: list[torch.Tensor] | None = None
+    # uint8 [num_blocks]: 1 where this shard's rows of the block are stored; None: every held block (rows given)
+    ready: torch.Tensor | None = None
     _slots_kept: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _all_ready: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         num_rows = sum(count for _, count in self.block_rows.values())
@@ -108,6 +121,21 @@ class CorpusShard:
                     or not rows.is_contiguous():
                 raise ConfigError(f"shard layer {layer}: rows {rows.dtype} {tuple(rows.shape)} must be contiguous "
                                   f"[{num_rows}, {fmt.storage_width}] {fmt.storage_dtype} ({fmt.name})")
+        if self.ready is None:
+            self.ready = torch.zeros(self.directory.num_blocks, dtype=torch.uint8)
+            self.mark_ready(list(self.block_rows))
+        self._all_ready = bool(self.ready[list(self.block_rows)].all()) if self.block_rows else True
+
+    def mark_ready(self, block_ids: Sequence[int]) -> None:
+        """The rows of ``block_ids`` are stored, every layer: serve them from now on."""
+        self.ready[list(block_ids)] = 1
+        self._all_ready = bool(self.ready[list(self.block_rows)].all()) if self.block_rows else True
+
+    def not_ready(self, block_ids: Sequence[int]) -> list[int]:
+        """The blocks among ``block_ids`` whose rows are not stored."""
+        if self._all_ready:
+            return []
+        return [b for b in block_ids if not self.ready[b]]
 
     @property
     def width(self) -> int:
@@ -159,6 +187,7 @@ class CorpusShard:
         regions = {region_name(self.directory.name, layer): rows for layer, rows in enumerate(self.layers)}
         for layer, table in enumerate(self.summaries or ()):
             regions[summary_region_name(self.directory.name, layer)] = table
+        regions[ready_region_name(self.directory.name)] = self.ready
         return regions
 
     @property

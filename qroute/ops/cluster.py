@@ -298,8 +298,31 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
     }
 
 
-def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
-    """Start the instances, wait for them, prefill the corpus; stops everything again on failure."""
+def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.Popen, InstanceInfo]:
+    """Start instance ``k`` of ``spec`` (its own process group, log under the state directory); not waited for."""
+    name = spec.instance_ids()[k]
+    extra: list[str] = []
+    env = engine_env(k)
+    if spec.corpus_dir is not None:
+        extra = ["--kv-transfer-config", json.dumps(connector_config(spec, k)),
+                 "--logits-processors", "qroute.plugin.vllm_validate:CorpusValidator"]  # fmt: skip
+        env[SECRET_ENV] = secret
+    log_path = state_dir() / "logs" / f"{name}.log"
+    if spec.kv_blocks:
+        extra += ["--num-gpu-blocks-override", str(spec.kv_blocks)]
+    if spec.max_num_batched_tokens:
+        extra += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
+    cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra)
+    process = spawn(cmd, env, log_path)
+    info = InstanceInfo(instance_id=name, url=f"http://127.0.0.1:{spec.http_port(k)}/v1", pid=process.pid,
+                        owner_address=f"127.0.0.1:{spec.owner_port(k)}" if spec.corpus_dir else "",
+                        log=str(log_path))  # fmt: skip
+    return process, info
+
+
+def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) -> ClusterState:
+    """Start the instances, wait for them, prefill the corpus; stops everything again on failure. ``secret``: the
+    cluster's shared secret (default: a new random one), e.g. to start a stopped instance again later."""
     from qroute.core.corpus import place_model_corpus
 
     state = ClusterState(
@@ -308,28 +331,13 @@ def start_cluster(spec: ClusterSpec, *, log=print) -> ClusterState:
         corpus_name=spec.corpus_name if spec.corpus_dir else None,
         mode=spec.mode,
     )
-    secret = secrets.token_hex(16)
+    secret = secret or secrets.token_hex(16)
     processes = []
     try:
-        for k, name in enumerate(spec.instance_ids()):
-            extra: list[str] = []
-            env = engine_env(k)
-            if spec.corpus_dir is not None:
-                extra = ["--kv-transfer-config", json.dumps(connector_config(spec, k)),
-                         "--logits-processors", "qroute.plugin.vllm_validate:CorpusValidator"]  # fmt: skip
-                env[SECRET_ENV] = secret
-            log_path = state_dir() / "logs" / f"{name}.log"
-            if spec.kv_blocks:
-                extra += ["--num-gpu-blocks-override", str(spec.kv_blocks)]
-            if spec.max_num_batched_tokens:
-                extra += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
-            cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra)
-            process = spawn(cmd, env, log_path)
+        for k in range(spec.num_instances):
+            process, info = spawn_instance(spec, k, secret)
             processes.append(process)
-            state.instances.append(InstanceInfo(
-                instance_id=name, url=f"http://127.0.0.1:{spec.http_port(k)}/v1", pid=process.pid,
-                owner_address=f"127.0.0.1:{spec.owner_port(k)}" if spec.corpus_dir else "", log=str(log_path),
-            ))  # fmt: skip
+            state.instances.append(info)
         state.save()
         log(f"qroute: starting {spec.num_instances} vllm serve instance(s); logs in {state_dir() / 'logs'}")
         wait_healthy(state.instances, processes, START_TIMEOUT_S)

@@ -49,8 +49,7 @@ def _make_sides(model_dir, corpus_dir, dtype: torch.dtype, **extra) -> dict:
         for rows in side.shard.layers:
             rows.copy_(torch.randn(rows.shape, generator=g))
         for chunk in directory.chunks_of(name):  # as if prefilled
-            side._summarise(chunk)
-            side._stored_chunks.add(chunk.chunk_id)
+            side.chunk_stored(chunk)
         built[name] = side
     return built
 

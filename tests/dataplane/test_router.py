@@ -445,3 +445,44 @@ def test_run_many_posts_every_route_first_and_tallies_each_item(prepared, cluste
         torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=0)
 
+
+
+def test_an_owner_that_has_not_stored_its_blocks_is_never_answered_from(prepared):
+    """b restarted with an empty store (its blocks not ready): its routes are refused (NOT_READY) and its ready flags
+    stop a one-sided fetch from reading its zeros; the replica answers instead, exactly. Once b has stored its
+    blocks again it serves them."""
+    from qroute.dataplane.owner import OwnerService
+    from qroute.errors import ErrorCode
+
+    d = prepared.directory
+    empty_b = dataclasses.replace(prepared.shard("b"), ready=torch.zeros(d.num_blocks, dtype=torch.uint8))
+    services = {"b": OwnerService({d.name: empty_b}, prepared.params, instance_id="b",
+                                  model_fingerprint=prepared.fingerprint, secret=SECRET),
+                "c": prepared.owner_service("c", SECRET)}  # fmt: skip
+    transport = LoopbackTransport()
+    servers = {name: serve_owner(transport, service) for name, service in services.items()}
+    connections = connect_owners(transport, {name: s.start() for name, s in servers.items()}, instance_id="a",
+                                 directory=d, model_fingerprint=prepared.fingerprint, compat=prepared.compat,
+                                 secret=SECRET)  # fmt: skip
+    try:
+        q_nope, q_pe = random_queries(prepared)
+        for mode in ("route", "fetch"):
+            router = make_router(prepared, connections, mode=mode, local=True)
+            plan = router.plan(3)
+            assert any(p.owners[:1] == ("b",) for p in plan.parts)  # b is asked first for some blocks
+            out, lse = router.run(0, q_nope, q_pe, plan)
+            ref = dense_reference(prepared, 0, q_nope, q_pe)
+            torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=0)
+            assert router.stats["fallbacks"] > 0
+        assert services["b"].stats.snapshot().errors.get(str(ErrorCode.NOT_READY), 0) > 0  # the refused routes
+        assert not router.peers["b"].ready_blocks.any()  # the fetch read b's flags: nothing stored
+        empty_b.mark_ready(list(empty_b.block_rows))
+        fallbacks = router.stats["fallbacks"]
+        router.run(0, q_nope, q_pe, plan)
+        assert router.stats["fallbacks"] == fallbacks and router.peers["b"].all_ready  # b serves again
+    finally:
+        for connection in connections.values():
+            connection.close()
+        for server in servers.values():
+            server.stop()

@@ -1,0 +1,92 @@
+"""A restarted owner never answers from its emptied store: three real qroute instances, every chunk on two of them.
+
+One owner is killed (SIGKILL to its process group) and started again on the same ports with the same secret: it
+comes back with an empty store and is not prefilled. The requester reconnects to it, asks it first for the blocks
+it is the first replica of, is refused (``not_ready``, for routes) or reads its ready flags (for fetches), and takes
+them from the other replica: the answers are token for token those the healthy cluster gave. The restarted
+instance itself refuses requests that need its own chunks, with an error that says so. About 2 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 11, 23], [8, 1, 64, 2, 19, 77], [30, 31, 32, 33, 34, 35, 36]]
+SECRET = "restart-test-secret"
+
+
+def _answers(url: str, mode: str) -> list[list[int]]:
+    from qroute.ops.check import greedy_completion
+
+    def one(prompt: list[int]) -> list[int]:
+        got = greedy_completion(url, prompt, 8, {"qroute": {"mode": mode}})
+        assert got["qroute"] and "error" not in got["qroute"], got["qroute"]
+        return got["tokens"]
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # several requests in flight at once
+        return list(pool.map(one, PROMPTS))
+
+
+def _wait_for_line(log: str, text: str, count: int, timeout_s: float, poke) -> None:
+    deadline = time.monotonic() + timeout_s
+    while Path(log).read_text(errors="replace").count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} seen fewer than {count} times in {log}")
+        poke()
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
+    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
+        spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=3, replicas=2,
+                           blocks_per_chunk=2, base_port=8760)  # fmt: skip
+        state = start_cluster(spec, secret=SECRET)
+        try:
+            yield spec, state
+        finally:
+            stop_cluster(state)
+
+
+def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(cluster):
+    from qroute.core.corpus import place_model_corpus
+    from qroute.ops.cluster import http_json, spawn_instance, wait_healthy
+
+    spec, state = cluster
+    _, directory = place_model_corpus(spec.model_dir, spec.corpus_dir, name=spec.corpus_name,
+                                      instances=spec.instance_ids(), replicas=2, blocks_per_chunk=2)  # fmt: skip
+    # a requester and an owner it asks first for some chunks it does not hold itself
+    requester, restarted = next((r, c.owners[0]) for r in spec.instance_ids() for c in directory.chunks
+                                if r not in c.owners)  # fmt: skip
+    index = {info.instance_id: k for k, info in enumerate(state.instances)}
+    asker = state.instances[index[requester]]
+    before = {mode: _answers(asker.url, mode) for mode in ("route", "fetch")}
+
+    victim = state.instances[index[restarted]]
+    os.killpg(victim.pid, signal.SIGKILL)
+    os.waitpid(victim.pid, 0)  # start_cluster started it from this process: reap it (a zombie stays "alive")
+    process, info = spawn_instance(spec, index[restarted], SECRET)  # same ports, empty store, no prefill
+    state.instances[index[restarted]] = info
+    wait_healthy([info], [process], 300.0)
+    # the requester notices the old connection is gone (a request falls back), reconnects to the new process
+    _wait_for_line(asker.log, f"connected to owner '{restarted}'", 2, 120.0, lambda: _answers(asker.url, "route"))
+
+    after = {mode: _answers(asker.url, mode) for mode in ("route", "fetch")}
+    assert after == before  # exact: the other replica answered what the restarted owner could not
+    log = Path(asker.log).read_text(errors="replace")
+    assert f"owner '{restarted}' failed: not_ready: owner '{restarted}' has not stored blocks" in log
+    # the restarted instance refuses what needs its own (empty) chunks: vLLM ends the request with an error
+    # (HTTP 500, see test_failures) and the worker's log says why
+    status, reply = http_json(info.url + "/completions", {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2,
+                                                          "temperature": 0.0})  # fmt: skip
+    assert status == 500 and "choices" not in reply, (status, reply)
+    assert f"is not ready on '{restarted}'" in Path(info.log).read_text(errors="replace")
