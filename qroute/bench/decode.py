@@ -186,13 +186,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from qroute.bench import bench_group
+    from qroute.bench import cluster_bench_parser
 
-    parser = bench_group(sub).add_parser("decode", help="steady-state decode TPOT, qroute against stock vLLM")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--corpus", help="corpus directory (default: the demo's corpus)")
-    parser.add_argument("--model-dir")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--base-port", type=int, default=8650)
-    parser.add_argument("--transport", choices=("tcp", "nixl"), default="tcp")
+    parser = cluster_bench_parser(sub, "decode", "steady-state decode TPOT, qroute against stock vLLM",
+                                  base_port=8650, transport="tcp")
     parser.set_defaults(handler=_cmd)

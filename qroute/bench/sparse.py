@@ -205,14 +205,9 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from qroute.bench import bench_group
+    from qroute.bench import cluster_bench_parser
 
-    parser = bench_group(sub).add_parser("sparse", help="bytes per token, TPOT and auto's mispredictions by top-k")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--corpus", help="corpus directory (default: the demo's corpus)")
-    parser.add_argument("--model-dir")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--base-port", type=int, default=8850)
-    parser.add_argument("--transport", choices=("tcp", "nixl"), default="nixl")
+    parser = cluster_bench_parser(sub, "sparse", "bytes per token, TPOT and auto's mispredictions by top-k",
+                                  base_port=8850, transport="nixl")
     parser.add_argument("--topk", type=int, nargs="+", default=list(TOPK))
     parser.set_defaults(handler=_cmd)

@@ -28,23 +28,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _links(name: str, instances: dict, directory, on_connect, timeout_s: float) -> OwnerLinks:
+    """Instance ``name``'s links over a zero-filled shard of ``directory``."""
+    config = QRouteConfig.from_extra_config({"instance_id": name, "instances": instances, "timeout_s": timeout_s,
+                                             "corpus": {"name": "c", "path": "/unused"}})  # fmt: skip
+    rows = shard_layout(directory, name)
+    num = sum(n for _, n in rows.values())
+    shard = CorpusShard(directory, name, [torch.zeros(num, 576)], rows, RowFormat("float32", 512, 64))
+    params = AttentionParams(0.1, 512, torch.ones(32), True)
+    service = OwnerService({"c": shard}, params, instance_id=name, model_fingerprint="f" * 32, secret=SECRET)
+    return OwnerLinks(config, service, directory, compat=compat_for("f" * 32, directory, 576, "float32"),
+                      on_connect=on_connect)  # fmt: skip
+
+
 @pytest.fixture
 def mesh():
     instances = {"a": f"127.0.0.1:{_free_port()}", "b": f"127.0.0.1:{_free_port()}"}
     directory = build_directory("c", np.arange(200), instances=["a", "b"], model_fingerprint="f" * 32,
                                 blocks_per_chunk=2)  # fmt: skip
-    params = AttentionParams(0.1, 512, torch.ones(32), True)
     made: list[OwnerLinks] = []
 
     def make(name: str, connected: list) -> OwnerLinks:
-        config = QRouteConfig.from_extra_config({"instance_id": name, "instances": instances, "timeout_s": 1.0,
-                                                 "corpus": {"name": "c", "path": "/unused"}})  # fmt: skip
-        rows = shard_layout(directory, name)
-        num = sum(n for _, n in rows.values())
-        shard = CorpusShard(directory, name, [torch.zeros(num, 576)], rows, RowFormat("float32", 512, 64))
-        service = OwnerService({"c": shard}, params, instance_id=name, model_fingerprint="f" * 32, secret=SECRET)
-        links = OwnerLinks(config, service, directory, compat=compat_for("f" * 32, directory, 576, torch.float32),
-                           on_connect=lambda peer, conn, *_: connected.append(peer))  # fmt: skip
+        links = _links(name, instances, directory, lambda peer, conn, *_: connected.append(peer), 1.0)
         made.append(links)
         return links
 
@@ -94,20 +99,11 @@ def test_two_transports_at_once_each_peer_over_the_faster_link(tmp_path):
                  "c": f"tcp://127.0.0.1:{ports['c'][1]}"}  # fmt: skip
     directory = build_directory("c", np.arange(300), instances=list(instances), model_fingerprint="f" * 32,
                                 blocks_per_chunk=2)  # fmt: skip
-    params = AttentionParams(0.1, 512, torch.ones(32), True)
     connected: dict[str, list] = {name: [] for name in instances}
     made: list[OwnerLinks] = []
     try:
         for name in instances:
-            config = QRouteConfig.from_extra_config({"instance_id": name, "instances": instances, "timeout_s": 2.0,
-                                                     "corpus": {"name": "c", "path": "/unused"}})  # fmt: skip
-            rows = shard_layout(directory, name)
-            num = sum(n for _, n in rows.values())
-            shard = CorpusShard(directory, name, [torch.zeros(num, 576)], rows, RowFormat("float32", 512, 64))
-            service = OwnerService({"c": shard}, params, instance_id=name, model_fingerprint="f" * 32, secret=SECRET)
-            links = OwnerLinks(config, service, directory, compat=compat_for("f" * 32, directory, 576, "float32"),
-                               on_connect=lambda peer, conn, fabric, probed, seen=connected[name]:
-                               seen.append((peer, conn, fabric, probed)))  # fmt: skip
+            links = _links(name, instances, directory, lambda *args, seen=connected[name]: seen.append(args), 2.0)
             made.append(links)
             links.start()
         a = made[0]
