@@ -132,7 +132,8 @@ def run_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int
         state = start_cluster(spec, log=lambda *_: None)
         try:
             url = state.instances[0].url
-            for k in topks:  # bytes (deterministic: once), and a warm-up for the timed rounds
+            for k in topks:  # bytes, once (route's and fetch's follow from the selection; auto's from its decisions
+                # of the moment), which also warms up every combination for the timed rounds
                 for mode in MODES:
                     moved[(k, mode)] = bytes_per_token(url, prompts, params[(k, mode)])
             log("bench sparse: bytes counted")

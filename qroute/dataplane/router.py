@@ -163,12 +163,15 @@ class Router:
     def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: tuple[int, ...]
                 ) -> tuple[Decision, float]:  # fmt: skip
         """The decision for one owner group's blocks and its predicted cost in microseconds (forced modes are
-        priced too, for the decision log)."""
+        priced only for the decision log: 0 without one)."""
         if mode == Mode.LOCAL:
             raise ConfigError(
                 f"mode 'local' needs every corpus block resident, but blocks {blocks[:4]}... live on {owners}; "
                 "use mode 'auto', 'route' or 'fetch'"
             )
+        forced = {Mode.ROUTE: Decision.ROUTE, Mode.FETCH: Decision.FETCH}.get(mode)
+        if forced is not None and self.timings is None:
+            return forced, 0.0
         num_tokens = sum(block_tokens(self.directory, b) for b in blocks)
         workload = Workload(
             batch=max(1, num_rows),
@@ -178,7 +181,7 @@ class Router:
             block_size=self.directory.block_size,
         )
         c = costs(self.geometry, self.fabric_for(owners), workload)
-        decision = {Mode.ROUTE: Decision.ROUTE, Mode.FETCH: Decision.FETCH}.get(mode, c.decision)
+        decision = forced or c.decision
         return decision, c.route_us if decision is Decision.ROUTE else c.fetch_us
 
     def fabric_for(self, owners: tuple[str, ...]) -> FabricProfile:
@@ -220,12 +223,12 @@ class Router:
         batch there), and the local and fetched parts are computed while they fly. Each item's ``tally`` (if any)
         gets the operations and bytes run for it. A failure raises ``QRouteError`` for the whole call."""
         pending = []
-        for item in items:
+        for k, item in enumerate(items):
             for part in item.plan.parts:
                 if part.decision is Decision.ROUTE:
                     started = time.perf_counter()
                     call = self._post_route(layer, item.q_nope, item.q_pe, part, part.owners[0])
-                    pending.append((item, part, call, time.perf_counter() - started))
+                    pending.append((k, part, call, time.perf_counter() - started))
         results: list[list[Part]] = [[] if item.own is None else [item.own] for item in items]
         for item, found in zip(items, results, strict=True):
             self._tally = item.tally
@@ -237,11 +240,11 @@ class Router:
                     started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
                     found.append(self._fetch_with_fallback(layer, item.q_nope, item.q_pe, part, part.owners))
                     self._timed(layer, part, item.plan.num_rows, time.perf_counter() - started, fallbacks)
-        found_for = {id(item): found for item, found in zip(items, results, strict=True)}
-        for item, part, call, posting in pending:
+        for k, part, call, posting in pending:
+            item = items[k]
             self._tally = item.tally
             started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
-            found_for[id(item)].append(self._wait_route(layer, item.q_nope, item.q_pe, part, call))
+            results[k].append(self._wait_route(layer, item.q_nope, item.q_pe, part, call))
             self._timed(layer, part, item.plan.num_rows, posting + time.perf_counter() - started, fallbacks)
         self._tally = None
         return [self._merged(item, found) for item, found in zip(items, results, strict=True)]

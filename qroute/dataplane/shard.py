@@ -121,15 +121,15 @@ class CorpusShard:
                     or not rows.is_contiguous():
                 raise ConfigError(f"shard layer {layer}: rows {rows.dtype} {tuple(rows.shape)} must be contiguous "
                                   f"[{num_rows}, {fmt.storage_width}] {fmt.storage_dtype} ({fmt.name})")
-        if self.ready is None:
+        if self.ready is None:  # rows given at construction: every held block is ready
             self.ready = torch.zeros(self.directory.num_blocks, dtype=torch.uint8)
-            self.mark_ready(list(self.block_rows))
-        self._all_ready = bool(self.ready[list(self.block_rows)].all()) if self.block_rows else True
+            self.ready[list(self.block_rows)] = 1
+        self._all_ready = bool(self.ready[list(self.block_rows)].all())
 
     def mark_ready(self, block_ids: Sequence[int]) -> None:
         """The rows of ``block_ids`` are stored, every layer: serve them from now on."""
         self.ready[list(block_ids)] = 1
-        self._all_ready = bool(self.ready[list(self.block_rows)].all()) if self.block_rows else True
+        self._all_ready = bool(self.ready[list(self.block_rows)].all())
 
     def not_ready(self, block_ids: Sequence[int]) -> list[int]:
         """The blocks among ``block_ids`` whose rows are not stored."""
