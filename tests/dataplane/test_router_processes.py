@@ -114,6 +114,8 @@ def test_lost_owner_falls_back_within_the_deadline(prepared, owners, how, mode):
     os.kill(procs["b"].process.pid, how)
     if how == signal.SIGSTOP:
         time.sleep(0.2)  # let every thread of the owner stop
+    else:  # gone, not still exiting: a process being torn down can still answer a one-sided READ
+        procs["b"].process.wait(10.0)
 
     start = time.monotonic()
     out, lse = router.run(0, q_nope, q_pe, router.plan(2, block_ids=both))  # b first or second: c answers
