@@ -151,3 +151,21 @@ def engine_env() -> Callable[..., dict[str, str]]:
 def run_child() -> Callable[[list[str], dict[str, str], float], subprocess.CompletedProcess[str]]:
     """``run_child(args, env, timeout)``: ``python ARGS`` in its own process group, killed afterwards."""
     return _run_child
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config) -> None:
+    """Leave with pytest's own status once it has reported, skipping the interpreter's teardown: twice in this
+    session's full runs (every test passed) the process then aborted in native code with "corrupted double-linked
+    list", most likely UCX/NIXL tearing down the in-process agents; not found yet, see the issue note. Fixtures and
+    the report are done by now, so nothing a test checks is skipped."""
+    if _EXIT_STATUS and os.environ.get("QROUTE_TEST_NATIVE_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
