@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from qroute.connectors.vllm_meta import QRouteStepMeta
 from qroute.connectors.vllm_scheduler import QRouteSchedulerSide
+from qroute.connectors.vllm_stats import QRouteConnectorStats, QRoutePromMetrics
 from qroute.connectors.vllm_worker import QRouteWorkerSide
 from qroute.core.config import QRouteConfig, load_directory
 from qroute.errors import ConfigError
@@ -116,6 +117,18 @@ class QRouteConnector(KVConnectorBase_V1, CorpusAttentionProvider):
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         return self._worker.take_report()
+
+    def get_kv_connector_stats(self) -> QRouteConnectorStats | None:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> QRouteConnectorStats:
+        return QRouteConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> QRoutePromMetrics:  # fmt: skip
+        return QRoutePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -29,6 +29,7 @@ import logging
 import torch
 
 from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
+from qroute.connectors.vllm_stats import QRouteConnectorStats, StatsSampler
 from qroute.connectors.vllm_step import RequestRun, StepGroup, batch_rows
 from qroute.core.config import QRouteConfig, Selection
 from qroute.core.costmodel import Decision, load_fabric
@@ -79,6 +80,7 @@ class QRouteWorkerSide:
         self.links: OwnerLinks | None = None
         self.summaries: list[BlockSummaries] | None = None  # per layer, every corpus block (selector "summary")
         self.decisions: DecisionLog | None = None  # QROUTE_DECISION_LOG: every remote part's decision and time
+        self.sampler: StatsSampler | None = None  # what /metrics gets after each step
         self.layer_index: dict[str, int] = {}
         self._runs: dict[int, RequestRun] = {}  # first row -> run
         self._groups: list[StepGroup] = []
@@ -124,6 +126,9 @@ class QRouteWorkerSide:
             row_format=fmt,
         )  # fmt: skip
         self.decisions = DecisionLog.from_env(self.config.instance_id)
+        peers = [i for i in self.directory.instances if i != self.config.instance_id]
+        self.sampler = StatsSampler(self.router.stats, service.stats,
+                                    lambda: {p: p in self.router.peers and self.router.peers[p].alive for p in peers})
         if self.decisions is not None:
             self.router.timings = []
         compat = compat_for(fingerprint, self.directory, self.width, fmt.name)
@@ -371,6 +376,11 @@ class QRouteWorkerSide:
         """Paged-cache blocks of requests failed this step (vLLM fails every running request owning one)."""
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def take_stats(self) -> QRouteConnectorStats | None:
+        """This step's metrics for vLLM's /metrics (``vllm_stats``); None before the store exists or when idle."""
+        stats = QRouteConnectorStats(self.sampler.take()) if self.sampler is not None else None
+        return None if stats is None or stats.is_empty() else stats
 
     def take_report(self) -> QRouteWorkerMeta | None:
         report, self._report = self._report, QRouteWorkerMeta()

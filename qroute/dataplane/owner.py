@@ -113,10 +113,12 @@ class OwnerService:
                     continue
                 for i, reply in answered:
                     replies[i] = reply
+                self.stats.observe("batch_size", len(members))
                 self.stats.add_many({"routes": len(members), "route_batches": 1,
                                      "bytes_in": sum(len(payloads[i]) for i, _ in members),
                                      "bytes_out": sum(len(reply) for _, reply in answered)})  # fmt: skip
             self.stats.observe("route_handle_s", (time.perf_counter() - start) / len(payloads))
+            self.stats.observe("queue_depth", len(payloads))
             return replies  # type: ignore[return-value]  # every slot is filled above
         finally:
             self._slots.release()

@@ -39,6 +39,7 @@ class OwnerPart:
     decision: Decision
     owners: tuple[str, ...]  # replicas in preference order; empty for local blocks
     predicted_us: float = 0.0  # the predicate's cost of the decision (0 for local blocks)
+    alternative_us: float | None = None  # the predicate's cost of the mode it rejected (None: the mode was forced)
     slots: torch.Tensor | range | None = field(default=None, compare=False, repr=False)  # local rows of the blocks
     _ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict, compare=False, repr=False)
 

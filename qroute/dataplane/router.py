@@ -35,7 +35,7 @@ from qroute.dataplane.decisionlog import PartTiming
 from qroute.dataplane.peer import Peer, probe_fabric
 from qroute.dataplane.plan import OwnerPart, RouterConfig, RunItem, StepPlan
 from qroute.dataplane.shard import CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
-from qroute.errors import ConfigError, QRouteError, RemoteError, TransportError
+from qroute.errors import ConfigError, ErrorCode, QRouteError, RemoteError, TransportError, TransportTimeout
 from qroute.metrics import ROUTER, Metrics
 from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
 from qroute.numerics.rowformat import RowFormat
@@ -135,8 +135,8 @@ class Router:
         owner_modes = owner_modes or {}
         for owners, blocks in groups.items():
             decided_by = group_mode(owners, owner_modes, mode)
-            decision, predicted_us = self._decide(decided_by, num_rows, owners, blocks)
-            parts.append(OwnerPart(blocks, decision, owners, predicted_us=predicted_us))
+            decision, predicted_us, alternative_us = self._decide(decided_by, num_rows, owners, blocks)
+            parts.append(OwnerPart(blocks, decision, owners, predicted_us=predicted_us, alternative_us=alternative_us))
         return StepPlan(corpus=self.directory.name, num_rows=num_rows, parts=tuple(parts))
 
     def _dense_groups(self, last: int) -> tuple[OwnerPart | None, dict[tuple[str, ...], tuple[int, ...]]]:
@@ -161,9 +161,9 @@ class Router:
         return part, {owners: tuple(blocks) for owners, blocks in groups.items()}
 
     def _decide(self, mode: str, num_rows: int, owners: tuple[str, ...], blocks: tuple[int, ...]
-                ) -> tuple[Decision, float]:  # fmt: skip
-        """The decision for one owner group's blocks and its predicted cost in microseconds (forced modes are
-        priced only for the decision log: 0 without one)."""
+                ) -> tuple[Decision, float, float | None]:  # fmt: skip
+        """The decision for one owner group's blocks, its predicted cost in microseconds (forced modes are
+        priced only for the decision log: 0 without one) and, when the predicate chose, the rejected mode's."""
         if mode == Mode.LOCAL:
             raise ConfigError(
                 f"mode 'local' needs every corpus block resident, but blocks {blocks[:4]}... live on {owners}; "
@@ -171,7 +171,7 @@ class Router:
             )
         forced = {Mode.ROUTE: Decision.ROUTE, Mode.FETCH: Decision.FETCH}.get(mode)
         if forced is not None and self.timings is None:
-            return forced, 0.0
+            return forced, 0.0, None
         num_tokens = sum(block_tokens(self.directory, b) for b in blocks)
         workload = Workload(
             batch=max(1, num_rows),
@@ -182,7 +182,8 @@ class Router:
         )
         c = costs(self.geometry, self.fabric_for(owners), workload)
         decision = forced or c.decision
-        return decision, c.route_us if decision is Decision.ROUTE else c.fetch_us
+        chosen, rejected = (c.route_us, c.fetch_us) if decision is Decision.ROUTE else (c.fetch_us, c.route_us)
+        return decision, chosen, None if forced else rejected
 
     def fabric_for(self, owners: tuple[str, ...]) -> FabricProfile:
         """The fabric that prices a group's blocks: its first reachable owner's probed profile, else the
@@ -235,7 +236,7 @@ class Router:
             for part in item.plan.parts:
                 if part.decision is Decision.LOCAL:
                     found.append(self._local(layer, item.q_nope, item.q_pe, part))
-                    self._count("local")
+                    self._count("local", owner=self.config.instance_id)
                 elif part.decision is Decision.FETCH:
                     started, fallbacks = time.perf_counter(), self.stats["fallbacks"]
                     found.append(self._fetch_with_fallback(layer, item.q_nope, item.q_pe, part, part.owners))
@@ -255,13 +256,19 @@ class Router:
         rows, heads = item.q_nope.shape[:2]
         return merge(found) if found else empty_part(rows, heads, self.params.kv_lora_rank)
 
-    def _count(self, name: str, n: int = 1) -> None:
-        """Count ``name`` in the router's stats and in the tally of the item being run."""
-        self.stats.add(name, n)
+    def _count(self, name: str, n: int = 1, *, owner: str | None = None) -> None:
+        """Count ``name`` in the router's stats (per ``owner`` too) and in the tally of the item being run."""
+        self.stats.add(name, n, label=owner)
         if self._tally is not None:
             self._tally[name] = self._tally.get(name, 0) + n
 
     def _timed(self, layer: int, part: OwnerPart, rows: int, seconds: float, fallbacks: int) -> None:
+        decision = part.decision.value
+        self.stats.observe("part_s", seconds, label=decision)
+        if part.alternative_us is not None:  # the predicate chose: was the rejected mode predicted faster?
+            self.stats.add("predictions", label=decision)
+            if seconds * 1e6 > part.alternative_us:
+                self.stats.add("mispredictions", label=decision)
         if self.timings is not None:
             tokens = sum(block_tokens(self.directory, b) for b in part.block_ids)
             fell_back = self.stats["fallbacks"] != fallbacks
@@ -308,12 +315,12 @@ class Router:
                 call = self._post_route(layer, q_nope, q_pe, part, owner)
             try:
                 result = self._route_result(call)
-                self._count("route")
+                self._count("route", owner=owner)
                 return result
             except (TransportError, RemoteError, ConnectionError, wire.WireError) as exc:
                 self._failed(owner, exc, reading=False)
                 tried.append(f"route to {owner!r}: {exc}")
-                self._count("fallbacks")
+                self._count("fallbacks", owner=owner)
         return self._fetch_with_fallback(layer, q_nope, q_pe, part, part.owners, tried)
 
     def _route_result(self, call) -> Part:
@@ -325,8 +332,8 @@ class Router:
             raise reply.as_exception()
         if not isinstance(reply, wire.RouteReply):
             raise wire.WireError(f"owner {owner!r} answered a route with {type(reply).__name__}")
-        self.stats.observe("route_s", time.perf_counter() - start)
-        self._count("bytes_moved", sent + len(reply.out.data) + len(reply.lse.data))
+        self.stats.observe("route_s", time.perf_counter() - start, label=self.peers[owner].base_fabric.name)
+        self._count("bytes_moved", sent + len(reply.out.data) + len(reply.lse.data), owner=owner)
         return wire.as_torch(reply.out).float(), wire.as_torch(reply.lse)
 
     # fetch
@@ -336,7 +343,7 @@ class Router:
         if self.cache is not None:
             rows = self.cache.get(self.directory.name, layer, part.block_ids)
             if rows is not None:
-                self._count("local")
+                self._count("local", owner=part.owners[0])  # the owner's blocks, answered from the cache
                 return self._attend_rows(q_nope, q_pe, rows)
         for owner in owners:
             try:
@@ -344,9 +351,9 @@ class Router:
             except (TransportError, ConnectionError, ConfigError, RemoteError) as exc:
                 self._failed(owner, exc, reading=True)
                 tried.append(f"fetch from {owner!r}: {exc}")
-                self._count("fallbacks")
+                self._count("fallbacks", owner=owner)
                 continue
-            self._count("fetch")
+            self._count("fetch", owner=owner)
             if self.cache is not None:
                 self._cache_blocks(layer, part.block_ids, rows)
             return self._attend_rows(q_nope, q_pe, rows)
@@ -372,8 +379,8 @@ class Router:
         out = np.empty(total, dtype=np.uint8)
         start = time.perf_counter()
         peer.connection.read(region_name(self.directory.name, layer), ranges, out, self.config.timeout_s)
-        self.stats.observe("fetch_s", time.perf_counter() - start)
-        self._count("bytes_moved", total)
+        self.stats.observe("fetch_s", time.perf_counter() - start, label=peer.base_fabric.name)
+        self._count("bytes_moved", total, owner=owner)
         return self.row_format.decode(self.row_format.from_bytes(torch.from_numpy(out)))
 
     def _cache_blocks(self, layer: int, block_ids: tuple[int, ...], rows: torch.Tensor) -> None:
@@ -383,6 +390,8 @@ class Router:
     def _failed(self, owner: str, exc: Exception, *, reading: bool) -> None:
         logger.warning("qroute: owner %r failed: %s", owner, exc)
         self.stats.error(owner, f"{owner}: {exc}")
+        if isinstance(exc, TransportTimeout) or (isinstance(exc, RemoteError) and exc.code == ErrorCode.DEADLINE):
+            self.stats.add("deadline_misses", label=owner)
         peer = self.peers.get(owner)
         # A refusal (bad request, unknown corpus) is not a dead peer, nor is one we skipped; a transport failure is.
         if peer is not None and not isinstance(exc, RemoteError | _Unreachable):

@@ -37,6 +37,7 @@ from qroute.ops.cluster import (
     start_cluster,
     stop_cluster,
 )
+from qroute.ops.scrape import Samples, delta, scrape, total, wait_for
 
 QUESTION = "Which function computes the area of a circle, and what does it return?"
 TOLERANCE = 1e-4
@@ -127,6 +128,48 @@ def selecting_reference(model_dir: Path, corpus_dir: Path, prompt: list[int], ma
         stop_cluster(state)
 
 
+_EXPORTED = ("route", "fetch", "local", "bytes_moved")
+
+
+def flush_owner_stats(urls: dict[str, str]) -> None:
+    """One engine step on each instance (a request without corpus work): an instance exports what it answered for
+    its peers at its own steps, so that a scrape after this one includes every answer given before it."""
+    for url in urls.values():
+        completion(url, [1], max_tokens=1, kv_transfer_params={"qroute": {"corpus": None}})
+
+
+def exported_counts(urls: dict[str, str], before: dict[str, Samples], runs: dict[str, dict]) -> dict[str, Any]:
+    """What each instance's ``/metrics`` gained over the checked requests against the sum of those requests' own
+    counts (equal when no request shared an operation with another), and the routes the owners say they answered
+    against the routes the requesters ran (``before``: scraped before them, after ``flush_owner_stats``)."""
+    flush_owner_stats(urls)
+
+    def exported(samples: Samples) -> dict[str, float]:
+        parts = {kind: total(samples, "vllm:qroute_corpus_parts_total", decision=kind) for kind in _EXPORTED[:3]}
+        return {**parts, "bytes_moved": total(samples, "vllm:qroute_bytes_moved_total")}
+
+    report: dict[str, Any] = {"instances": {}}
+    routes_run = routes_answered = 0
+    for instance, url in urls.items():
+        mine = [run["qroute"] for key, run in runs.items() if key.startswith(f"{instance}/")]
+        expected = {name: float(sum(counts.get(name, 0) for counts in mine)) for name in _EXPORTED}
+        gained = wait_for(lambda url=url, i=instance: delta(scrape(url), before[i]),
+                          lambda d, e=expected: exported(d) == e)  # fmt: skip
+        report["instances"][instance] = {
+            "exported": exported(gained), "responses": expected,
+            "shared": sum(counts.get("shared", 0) for counts in mine),
+            "route_round_trips": total(gained, "vllm:qroute_round_trip_seconds_count", kind="route"),
+            "peers_up": {dict(labels)["peer"]: value for (name, labels), value in scrape(url).items()
+                         if name == "vllm:qroute_peer_up"},
+        }  # fmt: skip
+        routes_run += expected["route"]
+        routes_answered += total(gained, "vllm:qroute_owner_routes_total")
+    report["routes_run"], report["routes_answered"] = routes_run, routes_answered
+    report["match"] = routes_run == routes_answered and all(
+        r["exported"] == r["responses"] for r in report["instances"].values())
+    return report
+
+
 def mixed_owner_modes(directory, instance: str) -> dict[str, str]:
     """Owner modes under which ``instance`` routes to one peer and fetches from the others (``owner_modes``)."""
     peers = sorted(set(directory.instances) - {instance})
@@ -189,6 +232,8 @@ def run_check(
                 jobs[(i, MIXED)] = (urls[i], {"qroute": {"corpus": "corpus", "mode": str(Mode.AUTO), **selection,
                                                          "owner_modes": mixed_owner_modes(directory, i)}})
         jobs[(ids[0], "no corpus")] = (urls[ids[0]], {"qroute": {"corpus": None}})
+        flush_owner_stats(urls)  # the routes owners answered for the corpus prefill, exported before `before`
+        before = {i: scrape(url) for i, url in urls.items()}
         with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: several requests in each engine step
             futures = {key: pool.submit(greedy_completion, url, prompt, max_tokens, params)
                        for key, (url, params) in jobs.items()}  # fmt: skip
@@ -207,6 +252,7 @@ def run_check(
                 ok = _counts_ok(mode, counts, expected)
             run.update(qroute=counts, expected_operations=expected, counts_ok=ok)
             report["runs"][f"{instance}/{mode}"] = run
+        report["metrics"] = exported_counts(urls, before, report["runs"])
         status, body = http_json(urls[ids[0]] + "/completions", {
             "model": "tiny", "prompt": prompt, "max_tokens": 1,
             "kv_transfer_params": {"qroute": {"corpus": "no-such-corpus"}},
@@ -220,7 +266,7 @@ def run_check(
     report["passed"] = report["negative_control_fails"] and all(
         r["tokens_identical"] and r["max_abs_dlogprob"] <= TOLERANCE and r["max_abs_dlogprob_prompt"] <= TOLERANCE
         and r["counts_ok"] for r in report["runs"].values()
-    )
+    ) and report["metrics"]["match"]
     return report
 
 
@@ -242,6 +288,9 @@ def _print(report: dict[str, Any]) -> None:
     verdict = "fails as it must" if report["negative_control_fails"] else "DID NOT FAIL"
     print(f"negative control (no corpus): identical {n['tokens_identical']}, max|dlogprob| "
           f"{n['max_abs_dlogprob']:.2e} -> {verdict}")
+    m = report["metrics"]
+    print(f"/metrics: routes run {m['routes_run']:.0f}, answered {m['routes_answered']:.0f}; per-instance counts "
+          + ("match the responses" if m["match"] else f"DO NOT MATCH {m['instances']}"))
     print(f"unknown corpus -> HTTP {report['unknown_corpus']['status']}")
     print("PASS" if report["passed"] else f"FAIL (tolerance {TOLERANCE})")
 

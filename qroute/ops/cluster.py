@@ -305,7 +305,8 @@ def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.P
     env = engine_env(k)
     if spec.corpus_dir is not None:
         extra = ["--kv-transfer-config", json.dumps(connector_config(spec, k)),
-                 "--logits-processors", "qroute.plugin.vllm_validate:CorpusValidator"]  # fmt: skip
+                 "--logits-processors", "qroute.plugin.vllm_validate:CorpusValidator",
+                 "--middleware", "qroute.plugin.vllm_http.CorpusErrorMiddleware"]  # fmt: skip
         env[SECRET_ENV] = secret
     log_path = state_dir() / "logs" / f"{name}.log"
     if spec.kv_blocks:

@@ -17,6 +17,7 @@ from qroute.ops.cluster import (
     state_dir,
     stop_cluster,
 )
+from qroute.ops.scrape import scrape, total
 
 
 def model_dir_or_tiny(model_dir: str | None) -> Path:
@@ -48,13 +49,45 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    state = ClusterState.load()
+ERRORS_SHOWN = 3  # the last qroute warnings and errors of each instance's log that `qroute status` shows
+
+
+def last_errors(log_path: str, n: int = ERRORS_SHOWN) -> list[str]:
+    """The last ``n`` qroute WARNING / ERROR lines of an instance's log."""
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.strip() for line in lines if "qroute" in line and ("ERROR" in line or "WARNING" in line)][-n:]
+
+
+def peer_health(url: str) -> dict[str, dict[str, float]]:
+    """Per peer, from the instance's /metrics: up (1 / 0), and its fallbacks and deadline misses so far."""
+    samples = scrape(url)
+    peers = {dict(labels)["peer"]: {"up": value} for (name, labels), value in samples.items()
+             if name == "vllm:qroute_peer_up"}  # fmt: skip
+    for peer, health in peers.items():
+        health["fallbacks"] = total(samples, "vllm:qroute_fallbacks_total", owner=peer)
+        health["deadline_misses"] = total(samples, "vllm:qroute_deadline_misses_total", owner=peer)
+    return peers
+
+
+def cluster_status(state: ClusterState) -> list[dict]:
+    """Each instance: URL, PID, whether it runs and is healthy, owned chunks, its view of its peers (empty before
+    its first step) and its last qroute errors."""
     rows = []
     for info in state.instances:
         alive = pid_alive(info.pid)
-        rows.append({"instance": info.instance_id, "url": info.url, "pid": info.pid, "alive": alive,
-                     "healthy": alive and healthy(info.url), "owned_chunks": info.chunks})  # fmt: skip
+        ok = alive and healthy(info.url)
+        rows.append({"instance": info.instance_id, "url": info.url, "pid": info.pid, "alive": alive, "healthy": ok,
+                     "owned_chunks": info.chunks, "peers": peer_health(info.url) if ok and info.chunks else {},
+                     "last_errors": last_errors(info.log)})  # fmt: skip
+    return rows
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = ClusterState.load()
+    rows = cluster_status(state)
     if args.json:
         print(json.dumps({"corpus": state.corpus_name, "corpus_tokens": state.corpus_tokens, "instances": rows}))
     else:
@@ -62,6 +95,11 @@ def _status(args: argparse.Namespace) -> int:
         for r in rows:
             health = "healthy" if r["healthy"] else ("running, not healthy" if r["alive"] else "DOWN")
             print(f"{r['instance']}  {r['url']}  pid {r['pid']}  {health}  owns {r['owned_chunks']} chunks")
+            for peer, h in r["peers"].items():
+                print(f"    peer {peer}: {'up' if h['up'] else 'DOWN'}, fallbacks {h['fallbacks']:.0f}, "
+                      f"deadline misses {h['deadline_misses']:.0f}")
+            for line in r["last_errors"]:
+                print(f"    {line}")
     return 0 if all(r["healthy"] for r in rows) else 1
 
 
@@ -84,7 +122,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                     help="nixl+tcp: both at once, each peer over the faster link it has")
     up.add_argument("--base-port", type=int, default=8100, help="HTTP ports base..base+N-1, owners base+100..")
     up.set_defaults(handler=_up)
-    status = sub.add_parser("status", help="instances of the local cluster: URL, PID, owned chunks, health")
+    status = sub.add_parser("status", help="the local cluster: URL, PID, owned chunks, health, peers, last errors")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
     down = sub.add_parser("down", help="stop every instance of the local cluster by PID")

@@ -89,3 +89,17 @@ def test_each_peer_is_reached_over_the_link_with_the_lower_probed_round_trip(rep
     # Both transports carried this check's traffic: NIXL's notification round trip (single-digit microseconds
     # between processes here) beats a TCP request-reply (tens of microseconds), so i0 and i1 keep NIXL.
     assert {links["i0"]["i1"]["transport"], links["i0"]["i2"]["transport"]} == {"nixl", "tcp"}, links
+
+
+def test_metrics_endpoint_exports_what_the_responses_report(report):
+    """Each instance's /metrics (vLLM's own, scraped) gained exactly the operations and bytes its requests report,
+    one round trip per route, and the owners' answered routes are the requesters' routes."""
+    metrics = report["metrics"]
+    assert metrics["routes_run"] > 0 and metrics["routes_answered"] == metrics["routes_run"]
+    for instance, got in metrics["instances"].items():
+        assert got["shared"] == 0  # each request alone in its group: the sum of their counts is exact
+        assert got["exported"] == got["responses"], (instance, metrics)
+        assert got["exported"]["route"] > 0 and got["exported"]["fetch"] > 0 and got["exported"]["local"] > 0
+        assert got["route_round_trips"] == got["exported"]["route"]
+        assert got["peers_up"] == {peer: 1.0 for peer in INSTANCES if peer != instance}
+    assert metrics["match"]

@@ -1,9 +1,11 @@
-"""A request whose corpus attention cannot be computed is failed by vLLM, not answered without the corpus.
+"""A request whose corpus attention cannot be computed is failed, not answered without the corpus.
 
-Two real qroute instances; instance i1 is killed (SIGKILL to its process group), then a route-mode request
-to i0 needs i1's blocks. Under ``kv_load_failure_policy`` "fail" (the default) the worker reports one of
-the request's computed blocks as a load error and vLLM ends the request with FINISHED_ERROR: the client
-gets HTTP 500, not a 200 completion computed without the corpus. i0 keeps serving requests that need no corpus.
+Two real qroute instances; instance i1 is killed (SIGKILL to its process group), then route-mode requests to i0
+need i1's blocks. Under ``kv_load_failure_policy`` "fail" (the default) the worker reports one of the request's
+computed blocks as a load error and vLLM ends the request with FINISHED_ERROR: HTTP 500, not a 200 completion
+computed without the corpus. A request that ends on that failed first step (``max_tokens=1``), which vLLM cannot
+fail, is turned into a 500 with the reason by qroute's middleware (``qroute.plugin.vllm_http``). i0 keeps serving
+requests that need no corpus, and ``qroute status`` shows i1 down, as i0 sees it too, with i0's last errors.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import pytest
 
 PROMPT = [5, 17, 42, 99, 7, 3, 11, 23]
+ROUTED = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0,
+          "kv_transfer_params": {"qroute": {"mode": "route"}}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +35,47 @@ def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
             stop_cluster(state)
 
 
-def test_unreachable_owner_fails_the_request_and_the_instance_keeps_serving(cluster):
-    from qroute.ops.cluster import http_json
+@pytest.fixture(scope="module")
+def owner_killed(cluster):
+    from qroute.ops.cluster import completion, stop_pid
 
     i0, i1 = cluster.instances
+    completion(i0.url, PROMPT, max_tokens=2, kv_transfer_params={"qroute": {"mode": "route"}})  # served first
     os.killpg(i1.pid, signal.SIGKILL)
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0,
-            "kv_transfer_params": {"qroute": {"mode": "route"}}}  # fmt: skip
-    status, reply = http_json(i0.url + "/completions", body, timeout_s=120.0)
+    stop_pid(i1.pid)  # returns once its process group is gone
+    return cluster
+
+
+def test_unreachable_owner_fails_the_request_and_the_instance_keeps_serving(owner_killed):
+    from qroute.ops.cluster import http_json
+
+    i0 = owner_killed.instances[0]
+    status, reply = http_json(i0.url + "/completions", ROUTED, timeout_s=120.0)
     # vLLM 0.32's OpenAI server turns FINISHED_ERROR into HTTP 500 {"error": {"message": "Internal server
     # error", "type": "InternalServerError", ...}}; the qroute reason is in the worker's ERROR log line.
     assert status == 500 and "error" in reply and "choices" not in reply, (status, reply)
-    status, reply = http_json(i0.url + "/completions", {**body, "kv_transfer_params": {"qroute": {"corpus": None}}})
+    status, reply = http_json(i0.url + "/completions", {**ROUTED, "kv_transfer_params": {"qroute": {"corpus": None}}})
     assert status == 200, reply
     assert reply["choices"][0]["finish_reason"] == "length" and reply["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("mode", ["route", "fetch"])
+def test_a_request_ending_on_its_failed_first_step_is_an_error_not_a_200(owner_killed, mode):
+    from qroute.ops.cluster import http_json
+
+    i0 = owner_killed.instances[0]
+    body = {**ROUTED, "max_tokens": 1, "kv_transfer_params": {"qroute": {"mode": mode}}}
+    status, reply = http_json(i0.url + "/completions", body, timeout_s=120.0)
+    assert status == 500 and "choices" not in reply, (status, reply)
+    message = reply["error"]["message"]
+    assert "corpus attention failed" in message and "i1" in message, message
+
+
+def test_status_shows_the_dead_owner_and_the_last_errors(owner_killed):
+    from qroute.ops.cluster_cli import cluster_status
+
+    rows = {row["instance"]: row for row in cluster_status(owner_killed)}
+    assert rows["i0"]["healthy"] and not rows["i1"]["alive"]
+    assert rows["i0"]["peers"]["i1"]["up"] == 0.0  # as i0 sees it, from its /metrics
+    assert rows["i0"]["peers"]["i1"]["fallbacks"] >= 1
+    assert any("i1" in line for line in rows["i0"]["last_errors"]), rows["i0"]["last_errors"]
