@@ -125,7 +125,7 @@ def partial_attention(
     if q_positions is not None:
         _check_int("q_positions", q_positions, num_tokens)
         _check_int("kv_positions", kv_positions, num_keys)
-    if not num_keys:
+    if not num_keys or not num_tokens * num_heads:  # nothing to attend, or no query row to attend with
         return empty_part(num_tokens, num_heads, kv_lora_rank, q_nope.device)
     if isinstance(slots, range):
         low, high, in_place = slots.start, slots.stop - 1, True

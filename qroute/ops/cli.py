@@ -140,6 +140,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.bench.ab",
         "qroute.ops.cluster_cli",
         "qroute.ops.check",
+        "qroute.ops.fuzz",
         "qroute.ops.demo",
     ):
         try:

@@ -245,3 +245,10 @@ def test_validation_errors_name_the_value():
     with pytest.raises(ConfigError, match="part 1"):
         merge([empty_part(2, 3, 8), empty_part(2, 4, 8)])
     assert issubclass(ConfigError, ValueError)
+
+
+def test_no_query_rows_give_an_empty_part():
+    """A route of zero rows (valid on the wire) is answered, not an error: found by `qroute fuzz`."""
+    cache = torch.randn(8, 576)
+    out, lse = partial_attention(torch.randn(0, 4, 512), torch.randn(0, 4, 64), cache, range(0, 8), 0.1, 512)
+    assert out.shape == (0, 4, 512) and lse.shape == (0, 4)
