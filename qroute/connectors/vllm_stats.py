@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from qroute.metrics import Metrics
+from qroute.transport.nixl_agent import live_counts
 
 __all__ = ["SERIES", "QRouteConnectorStats", "QRoutePromMetrics", "Series", "StatsSampler", "series_key"]
 
@@ -73,6 +74,9 @@ SERIES = {s.name: s for s in (
            "encode).", (), _SECONDS),
     Series("vllm:qroute_peer_up", Gauge, "1 while this instance can route to and read from the peer, else 0.",
            ("peer",)),
+    Series("vllm:qroute_nixl_live", Gauge, "What the worker holds in NIXL now: registrations, registered_bytes, "
+           "xfer_handles, remote_agents; agents: created so far (a leak is a count that keeps growing).",
+           ("what",)),
 )}  # fmt: skip
 
 
@@ -98,6 +102,7 @@ class StatsSampler:
     def __init__(self, router: Metrics, owner: Metrics, peers_up: Callable[[], Mapping[str, bool]]):
         self.router, self.owner, self.peers_up = router, owner, peers_up
         self._last: dict[str, int] = {}  # series key -> cumulative count at the last take
+        self._last_gauges: dict[str, float] = {}
 
     def _cumulative(self) -> dict[str, int]:
         router, owner = self.router.snapshot(), self.owner.snapshot()
@@ -127,7 +132,10 @@ class StatsSampler:
         for name, _, value in self.owner.drain_observed():
             observed.setdefault(series_key(_OWNER_OBSERVED[name]), []).append(value)
         gauges = {series_key("vllm:qroute_peer_up", peer): float(up) for peer, up in self.peers_up().items()}
-        return {"counters": counters, "observed": observed, "gauges": gauges}
+        gauges.update({series_key("vllm:qroute_nixl_live", what): float(n) for what, n in live_counts().items()})
+        changed = {key: value for key, value in gauges.items() if self._last_gauges.get(key) != value}
+        self._last_gauges = gauges  # a gauge keeps its value on /metrics: only changes are sent
+        return {"counters": counters, "observed": observed, "gauges": changed}
 
 
 class QRouteConnectorStats(KVConnectorStats):

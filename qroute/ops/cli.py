@@ -137,6 +137,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.bench.owner",
         "qroute.bench.decode",
         "qroute.bench.sparse",
+        "qroute.bench.soak",
         "qroute.bench.ab",
         "qroute.ops.cluster_cli",
         "qroute.ops.check",

@@ -360,13 +360,15 @@ def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) ->
         raise
 
 
-def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *, log=print) -> None:
-    """Exact-mode corpus prefill: chunk by chunk in order, on every owner of the chunk. A chunk that an owner
-    reports as not stored (or with an error) raises ``QRouteError``: never a silently missing chunk."""
+def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *, log=print,
+                        only: str | None = None) -> None:  # fmt: skip
+    """Exact-mode corpus prefill: chunk by chunk in order, on every owner of the chunk (``only``: on that instance
+    only, e.g. one started again with an empty store). A chunk that an owner reports as not stored (or with an
+    error) raises ``QRouteError``: never a silently missing chunk."""
     urls = {i.instance_id: i.url for i in state.instances}
     start = time.monotonic()
     for chunk in directory.chunks:
-        for owner in chunk.owners:
+        for owner in chunk.owners if only is None else [o for o in chunk.owners if o == only]:
             params = {"qroute": {"corpus": directory.name, "prefill_chunk": chunk.chunk_id}}
             reply = completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1, kv_transfer_params=params)
             report = (reply.get("kv_transfer_params") or {}).get("qroute") or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 from pathlib import Path
 
 from qroute.errors import ConfigError
@@ -42,10 +43,20 @@ def _up(args: argparse.Namespace) -> int:
         transport=args.transport,
         base_port=args.base_port,
     )
-    state = start_cluster(spec)
+    secret = secrets.token_hex(16)  # the cluster's shared secret, in memory only
+    state = start_cluster(spec, secret=secret)
     print(f"qroute: corpus {state.corpus_name!r}: {state.corpus_tokens} tokens, version {state.corpus_version}")
     for info in state.instances:
         print(f"{info.instance_id}  {info.url}  pid {info.pid}  owns {info.chunks} chunks")
+    if args.supervise:
+        from qroute.ops.supervisor import supervise
+
+        print("qroute: supervising (an instance that dies is started again and prefilled); Ctrl-C stops "
+              "supervising, `qroute down` stops the instances")  # fmt: skip
+        try:
+            supervise(spec, state, secret)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -121,6 +132,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--transport", choices=CLUSTER_TRANSPORTS, default="tcp",
                     help="nixl+tcp: both at once, each peer over the faster link it has")
     up.add_argument("--base-port", type=int, default=8100, help="HTTP ports base..base+N-1, owners base+100..")
+    up.add_argument("--supervise", action="store_true",
+                    help="stay in the foreground and start again (and prefill) any instance that dies")
     up.set_defaults(handler=_up)
     status = sub.add_parser("status", help="the local cluster: URL, PID, owned chunks, health, peers, last errors")
     status.add_argument("--json", action="store_true")

@@ -29,6 +29,24 @@ CALL, REPLY, PING, PONG = b"Q", b"R", b"P", b"p"
 CACHED_CLASS_MAX = 16 << 10  # writes up to this size reuse prepared handles (length rounded up to a power of 2)
 
 
+# What this process holds in NIXL right now (agents: created so far): read by the soak and by /metrics, so that a
+# leaked registration, transfer handle or remote agent shows as a count that keeps growing.
+_LIVE_LOCK = threading.Lock()
+_LIVE = {"agents": 0, "registrations": 0, "registered_bytes": 0, "xfer_handles": 0, "remote_agents": 0}
+
+
+def _count_live(name: str, n: int) -> None:
+    with _LIVE_LOCK:
+        _LIVE[name] += n
+
+
+def live_counts() -> dict[str, int]:
+    """This process's NIXL agents created, and its registrations (and bytes), transfer handles and remote agents
+    held now."""
+    with _LIVE_LOCK:
+        return dict(_LIVE)
+
+
 class ReplyStatus(enum.IntEnum):
     OK = 0
     HANDLER_ERROR = 1  # the reply slot holds the error message
@@ -96,6 +114,7 @@ class XferHandle:
 
     def __init__(self, agent: NixlAgent, handle: Any, label: str):
         self._agent, self._nixl, self.label, self._released = agent, handle, label, False
+        _count_live("xfer_handles", 1)
 
     def post(self, notif: bytes = b"") -> XferState:
         return XferState(self._agent.guard(f"post {self.label}", self._agent.raw.transfer, self._nixl, notif))
@@ -106,6 +125,7 @@ class XferHandle:
     def release(self) -> None:
         if not self._released:
             self._released = True
+            _count_live("xfer_handles", -1)
             with self._agent.lock:
                 self._agent.guard(f"release {self.label}", self._nixl.release)
 
@@ -120,10 +140,14 @@ class RegHandle:
 
     def __init__(self, agent: NixlAgent, descs: Any, addr: int, nbytes: int):
         self._agent, self.descs, self.addr, self.nbytes, self._released = agent, descs, addr, nbytes, False
+        _count_live("registrations", 1)
+        _count_live("registered_bytes", nbytes)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            _count_live("registrations", -1)
+            _count_live("registered_bytes", -self.nbytes)
             with self._agent.lock:
                 self._agent.guard("deregister", self._agent.raw.deregister_memory, self.descs)
 
@@ -143,6 +167,7 @@ class NixlAgent:
         self.raw.create_backend("UCX", {"ucx_error_handling_mode": "none"})
         self.lock = threading.RLock()
         self._remotes: dict[str, int] = {}
+        _count_live("agents", 1)
 
     def guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call into NIXL, turning its exceptions into qroute's."""
@@ -171,6 +196,8 @@ class NixlAgent:
         with self.lock:
             name = self.guard("add remote agent", self.raw.add_remote_agent, metadata)
             name = name.decode() if isinstance(name, bytes) else str(name)
+            if name not in self._remotes:
+                _count_live("remote_agents", 1)
             self._remotes[name] = self._remotes.get(name, 0) + 1  # several connections may share a peer
         return name
 
@@ -180,7 +207,8 @@ class NixlAgent:
             if count > 0:
                 self._remotes[name] = count
                 return
-            self._remotes.pop(name, None)
+            if self._remotes.pop(name, None) is not None:
+                _count_live("remote_agents", -1)
             try:
                 self.guard("remove remote agent", self.raw.remove_remote_agent, name)
             except TransportError:

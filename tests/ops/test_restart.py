@@ -90,3 +90,88 @@ def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(clu
                                                           "temperature": 0.0})  # fmt: skip
     assert status == 500 and "choices" not in reply, (status, reply)
     assert f"is not ready on '{restarted}'" in Path(info.log).read_text(errors="replace")
+
+
+def test_the_supervisor_starts_a_dead_owner_again_prefilled_and_it_serves(cluster):
+    """``qroute up --supervise``'s step: an owner that died is started again, its own chunks prefilled on it alone;
+    it then answers its own requests exactly, and its peers route to it again instead of to the other replica."""
+    from qroute.core.corpus import place_model_corpus
+    from qroute.ops.scrape import scrape, total, wait_for
+    from qroute.ops.supervisor import supervise_once
+
+    spec, state = cluster
+    _, directory = place_model_corpus(spec.model_dir, spec.corpus_dir, name=spec.corpus_name,
+                                      instances=spec.instance_ids(), replicas=2, blocks_per_chunk=2)  # fmt: skip
+    requester, restarted = next((r, c.owners[0]) for r in spec.instance_ids() for c in directory.chunks
+                                if r not in c.owners)  # fmt: skip
+    index = {info.instance_id: k for k, info in enumerate(state.instances)}
+    asker = state.instances[index[requester]]
+    want = _answers(asker.url, "route")
+    victim = state.instances[index[restarted]]
+    connected = Path(asker.log).read_text(errors="replace").count(f"connected to owner '{restarted}'")
+
+    os.killpg(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30.0
+    while not (rejoined := supervise_once(spec, state, SECRET)):  # what `supervise` does every 2 s
+        assert time.monotonic() < deadline, "the supervisor did not see the killed owner go"
+        time.sleep(0.2)
+    assert rejoined == [restarted]
+    info = state.instances[index[restarted]]
+    assert info.pid != victim.pid and info.chunks == len(directory.chunks_of(restarted))
+    assert {mode: _answers(info.url, mode) for mode in ("route", "fetch")} == {"route": want, "fetch": want}
+
+    _wait_for_line(asker.log, f"connected to owner '{restarted}'", connected + 1, 120.0,
+                   lambda: _answers(asker.url, "route"))  # fmt: skip
+    refusals = Path(asker.log).read_text(errors="replace").count(f"owner '{restarted}' failed")
+    routed = total(scrape(asker.url), "vllm:qroute_corpus_parts_total", owner=restarted, decision="route")
+    assert _answers(asker.url, "route") == want
+    assert Path(asker.log).read_text(errors="replace").count(f"owner '{restarted}' failed") == refusals
+    def routed_to_it(samples):
+        return total(samples, "vllm:qroute_corpus_parts_total", owner=restarted, decision="route")
+
+    assert routed_to_it(wait_for(lambda: scrape(asker.url), lambda s: routed_to_it(s) > routed)) > routed
+    assert supervise_once(spec, state, SECRET) == []  # nothing else is down
+
+
+def test_a_stopped_owner_costs_at_most_its_deadline_and_is_used_again_once_resumed(cluster):
+    """SIGSTOP an owner (its whole process group) with requests to make: each request waits for it at most the
+    configured deadline (timeout_s, 2 s) per attempt, then takes its blocks from the other replica, exactly; the
+    misses are counted on /metrics. Once resumed (SIGCONT) it is routed to again, and its late replies to calls
+    that timed out change nothing."""
+    from qroute.core.corpus import place_model_corpus
+    from qroute.ops.scrape import scrape, total, wait_for
+
+    spec, state = cluster
+    _, directory = place_model_corpus(spec.model_dir, spec.corpus_dir, name=spec.corpus_name,
+                                      instances=spec.instance_ids(), replicas=2, blocks_per_chunk=2)  # fmt: skip
+    requester, stopped = next((r, c.owners[0]) for r in spec.instance_ids() for c in directory.chunks
+                              if r not in c.owners)  # fmt: skip
+    index = {info.instance_id: k for k, info in enumerate(state.instances)}
+    asker, victim = state.instances[index[requester]], state.instances[index[stopped]]
+    want = _answers(asker.url, "route")
+
+    def misses(samples):
+        return total(samples, "vllm:qroute_deadline_misses_total", owner=stopped)
+
+    def routed(samples):
+        return total(samples, "vllm:qroute_corpus_parts_total", owner=stopped, decision="route")
+
+    missed_before = misses(scrape(asker.url))
+    os.killpg(victim.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        during = {mode: _answers(asker.url, mode) for mode in ("route", "fetch")}
+        elapsed = time.monotonic() - start
+    finally:
+        os.killpg(victim.pid, signal.SIGCONT)
+    assert during == {"route": want, "fetch": want}
+    assert elapsed < 60.0, elapsed  # waits of a few deadlines, never a hang (the HTTP client's own limit is 300 s)
+    assert misses(wait_for(lambda: scrape(asker.url), lambda s: misses(s) > missed_before)) > missed_before
+
+    routed_before = routed(scrape(asker.url))
+    deadline = time.monotonic() + 60.0
+    while routed(scrape(asker.url)) <= routed_before:  # past its back-off, the resumed owner answers again
+        assert time.monotonic() < deadline, "the resumed owner was not routed to again"
+        assert _answers(asker.url, "route") == want
+        time.sleep(1.0)
+    assert _answers(asker.url, "route") == want and _answers(victim.url, "route") == want
