@@ -4,7 +4,7 @@ Three frames, once per connection (the transport sends them; ``transport/frames.
 
 1. owner -> requester ``SERVER_HELLO``: magic, ``PROTOCOL_VERSION``, a fresh ``server_nonce``;
 2. requester -> owner ``CLIENT_AUTH``: a fresh ``client_nonce``, ``client_proof``, the encoded ``wire.Hello``
-   (``WIRE_VERSION``, model fingerprint, ``compat_hash``, corpus name and version), transport extras;
+   (``WIRE_VERSION``, model fingerprint, ``compat_key``, corpus name and version), transport extras;
 3. owner -> requester ``WELCOME``: ``server_proof``, the encoded ``wire.HelloReply``, transport info and extras
    (or an ERROR frame saying why not).
 
@@ -35,7 +35,8 @@ __all__ = [
     "check_hello_reply",
     "check_secret",
     "client_proof",
-    "compat_hash",
+    "compat_differences",
+    "compat_key",
     "make_hello",
     "new_nonce",
     "pack_fields",
@@ -108,18 +109,30 @@ def unpack_fields(data: bytes, count: int) -> list[bytes]:
 # ---- what must match --------------------------------------------------------------------------------------
 
 
-def compat_hash(model_fingerprint: str, latent_width: int, block_size: int, dtype: str, lse_base: str = "e") -> str:
-    """Hash of everything two instances must agree on to exchange latent rows and partials: model, latent
-    width, block size, row format (a wire dtype name, e.g. ``"float32"``, or ``"fp8_ds_mla"``, DeepSeek-V3.2's FP8
-    row) and LSE base."""
+def compat_key(model_fingerprint: str, latent_width: int, block_size: int, dtype: str, lse_base: str = "e") -> str:
+    """Everything two instances must agree on to exchange latent rows and partials, as a readable canonical key
+    (``check_hello`` names each field that differs): latent width, block size, row format (a wire dtype name, e.g.
+    ``"float32"``, or ``"fp8_ds_mla"``, DeepSeek-V3.2's FP8 row), LSE base, and a digest of the model."""
     if dtype not in wire.WIRE_DTYPES and dtype != "fp8_ds_mla":
         raise ConfigError(f"dtype={dtype!r} must be one of {[*sorted(wire.WIRE_DTYPES), 'fp8_ds_mla']}")
     if lse_base not in ("e", "2"):
         raise ConfigError(f"lse_base={lse_base!r} must be 'e' or '2'")
     if latent_width <= 0 or block_size <= 0:
         raise ConfigError(f"latent_width={latent_width} and block_size={block_size} must be > 0")
-    key = f"{model_fingerprint}\x00{latent_width}\x00{block_size}\x00{dtype}\x00{lse_base}"
-    return hashlib.blake2b(key.encode(), digest_size=16, person=b"qroute-compat").hexdigest()
+    model = hashlib.blake2b(model_fingerprint.encode(), digest_size=8, person=b"qroute-compat").hexdigest()
+    return f"latent_width={latent_width},block_size={block_size},dtype={dtype},lse_base={lse_base},model={model}"
+
+
+def _compat_fields(key: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in key.split(",") if "=" in item)
+
+
+def compat_differences(theirs: str, ours: str) -> str:
+    """What differs between two compatibility keys, field by field ("dtype bfloat16 != local float32")."""
+    a, b = _compat_fields(theirs), _compat_fields(ours)
+    named = [f"{name} {a.get(name)} != local {b.get(name)}"
+             for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]  # fmt: skip
+    return ", ".join(named) or f"{theirs!r} != local {ours!r}"
 
 
 def make_hello(instance_id: str, *, model_fingerprint: str, compat: str, corpus_name: str,
@@ -140,8 +153,7 @@ def check_hello(hello: wire.Hello, *, model_fingerprint: str, compat: str, corpu
     if hello.model_fingerprint != model_fingerprint:
         raise HandshakeMismatch(f"{peer}: model fingerprint {hello.model_fingerprint!r} != local {model_fingerprint!r}")
     if hello.compat_hash != compat:
-        raise HandshakeMismatch(f"{peer}: compat hash differs (latent width, block size, dtype or LSE base) "
-                                f"{hello.compat_hash} != local {compat}")  # fmt: skip
+        raise HandshakeMismatch(f"{peer}: incompatible rows: {compat_differences(hello.compat_hash, compat)}")
     if hello.corpus_name != corpus_name:
         raise HandshakeMismatch(f"{peer}: corpus {hello.corpus_name!r} != local {corpus_name!r}")
     if hello.corpus_version != corpus_version:

@@ -58,7 +58,9 @@ __all__ = [
 # 2: one handshake: Hello/HelloReply lose nonce and auth (the transport's proofs bind both nonces and the
 #    hello); FetchRequest/FetchReply removed (fetch is a one-sided read); RouteRequest loses position_shift
 #    (queries arrive at corpus positions) and q_positions; ErrorReply.code is the integer ErrorCode.
-WIRE_VERSION = 2
+# 3: Hello.compat_hash holds ``handshake.compat_key`` (readable fields, so a refusal names what differs), not a
+#    digest.
+WIRE_VERSION = 3
 
 # One message; a route request of 256 rows x 128 heads x 576 x 2 B is ~38 MB. Larger work is split by
 # the router, or fetched instead.

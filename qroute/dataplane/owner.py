@@ -65,7 +65,7 @@ class OwnerService:
         handshake.check_hello(
             hello,
             model_fingerprint=self.model_fingerprint,
-            compat=shard.compat_hash(self.model_fingerprint),
+            compat=shard.compat_key(self.model_fingerprint),
             corpus_name=shard.directory.name,
             corpus_version=shard.directory.version,
         )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qroute.core.handshake import compat_hash
+from qroute.core.handshake import compat_key
 from qroute.core.placement import CorpusDirectory
 from qroute.errors import ConfigError, CorpusError
 from qroute.numerics.rowformat import RowFormat
@@ -94,7 +94,7 @@ def byte_ranges(block_rows: BlockRows, block_ids: Sequence[int], row_bytes: int)
 def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, row_format: str | torch.dtype) -> str:
     """What two instances must agree on before exchanging rows: model, latent width, block size, row format
     (a ``RowFormat`` name; a torch dtype names the dense one)."""
-    return compat_hash(model_fingerprint, width, directory.block_size, str(row_format).removeprefix("torch."))
+    return compat_key(model_fingerprint, width, directory.block_size, str(row_format).removeprefix("torch."))
 
 
 @dataclass
@@ -146,7 +146,7 @@ class CorpusShard:
     def row_bytes(self) -> int:
         return self.format.row_bytes
 
-    def compat_hash(self, model_fingerprint: str) -> str:
+    def compat_key(self, model_fingerprint: str) -> str:
         return compat_for(model_fingerprint, self.directory, self.width, self.format.name)
 
     def holds(self, block_ids: Sequence[int]) -> bool:

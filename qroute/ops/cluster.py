@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from qroute.errors import ConfigError, QRouteError
+from qroute.ops import netns
+from qroute.ops.processes import pid_alive, spawn, stop_pid
 
 STATE_ENV = "QROUTE_STATE_DIR"
 SECRET_ENV = "QROUTE_SECRET"
@@ -55,6 +56,7 @@ class ClusterState:
     instances: list[InstanceInfo] = field(default_factory=list)
     corpus_tokens: int = 0
     corpus_version: str = ""
+    netns: list[str] = field(default_factory=list)  # instances in network namespaces (``ClusterSpec.netns``)
 
     def save(self, path: Path | None = None) -> Path:
         path = path or state_dir() / "cluster.json"
@@ -88,13 +90,14 @@ def engine_env(instance_index: int) -> dict[str, str]:
     return env
 
 
-def vllm_serve_command(model_dir: Path, port: int, *, max_model_len: int, extra: list[str]) -> list[str]:
+def vllm_serve_command(model_dir: Path, port: int, *, max_model_len: int, extra: list[str],
+                       host: str = "127.0.0.1") -> list[str]:  # fmt: skip
     # CPU_MLA named explicitly: on a CPU with AMX tiles vLLM would pick AMX_MLA, which takes only bf16 / int8
     # weights (the tiny models are float32) and turns on chunked prefill and prefix caching, so that stock and
     # qroute instances would run differently from one machine to the next (platforms/cpu.py).
     return [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--host", host, "--port", str(port), "--dtype", "float32", "--enforce-eager",
         "--attention-backend", "CPU_MLA",
         "--max-model-len", str(max_model_len), "--max-num-seqs", "8", "--served-model-name", "tiny",
         *extra,
@@ -113,53 +116,6 @@ def link_choices(log_path: str | Path) -> dict[str, dict[str, Any]]:
         round_trips = {name: float(us) for name, us in (t.removesuffix(" us").split() for t in trips.split(", "))}
         links[peer] = {"transport": transport, "round_trips_us": round_trips}
     return links
-
-
-def spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("ab")
-    # A new session makes the server the leader of a process group that also holds its EngineCore
-    # and Worker, so one killpg stops them all.
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_pid(pid: int, timeout_s: float = 30.0) -> None:
-    """Stop the process group led by ``pid``: SIGTERM, then SIGKILL after ``timeout_s``."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            _reap(pid)
-            return
-        _reap(pid)
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # -- HTTP -----------------------------------------------------------------------------------------------
@@ -247,6 +203,7 @@ class ClusterSpec:
     max_num_batched_tokens: int | None = None  # tokens per engine step (default: vLLM's choice)
     selector: str = "dense"  # the instances' default block selection (and whether they keep block summaries)
     topk: int = 0
+    netns: bool = False  # each instance in a network namespace of its own, as separate hosts (``qroute.ops.netns``)
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -259,6 +216,10 @@ class ClusterSpec:
     def instance_ids(self) -> list[str]:
         return [f"i{k}" for k in range(self.num_instances)]
 
+    def host(self, k: int) -> str:
+        """Instance ``k``'s address: loopback, or its namespace's address on the bridge."""
+        return netns.address(k) if self.netns else "127.0.0.1"
+
     def http_port(self, k: int) -> int:
         return self.base_port + k
 
@@ -269,10 +230,10 @@ class ClusterSpec:
         """Instance ``k``'s owner-service endpoints (``instances`` of the connector config): one on the spec's
         transport; with ``nixl+tcp``, NIXL and TCP (a second port) on every instance but the last, TCP only on the
         last, so that one cluster has peers reached over NIXL, over TCP, and over the faster of both."""
-        address = f"127.0.0.1:{self.owner_port(k)}"
+        address = f"{self.host(k)}:{self.owner_port(k)}"
         if self.transport != NIXL_AND_TCP:
             return address
-        tcp = f"tcp://127.0.0.1:{self.base_port + 200 + k}"
+        tcp = f"tcp://{self.host(k)}:{self.base_port + 200 + k}"
         return tcp if k == self.num_instances - 1 else [f"nixl://{address}", tcp]
 
 
@@ -313,10 +274,12 @@ def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.P
         extra += ["--num-gpu-blocks-override", str(spec.kv_blocks)]
     if spec.max_num_batched_tokens:
         extra += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
-    cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra)
-    process = spawn(cmd, env, log_path)
-    info = InstanceInfo(instance_id=name, url=f"http://127.0.0.1:{spec.http_port(k)}/v1", pid=process.pid,
-                        owner_address=f"127.0.0.1:{spec.owner_port(k)}" if spec.corpus_dir else "",
+    host = spec.host(k)
+    cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra,
+                             host=host)  # fmt: skip
+    process = spawn(netns.exec_prefix(name) + cmd if spec.netns else cmd, env, log_path)
+    info = InstanceInfo(instance_id=name, url=f"http://{host}:{spec.http_port(k)}/v1", pid=process.pid,
+                        owner_address=f"{host}:{spec.owner_port(k)}" if spec.corpus_dir else "",
                         log=str(log_path))  # fmt: skip
     return process, info
 
@@ -335,6 +298,9 @@ def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) ->
     secret = secret or secrets.token_hex(16)
     processes = []
     try:
+        if spec.netns:
+            netns.create(spec.instance_ids())
+            state.netns = spec.instance_ids()
         for k in range(spec.num_instances):
             process, info = spawn_instance(spec, k, secret)
             processes.append(process)
@@ -356,6 +322,7 @@ def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) ->
     except BaseException:
         for process in processes:
             stop_pid(process.pid)
+        netns.destroy(state.netns)
         (state_dir() / "cluster.json").unlink(missing_ok=True)
         raise
 
@@ -392,5 +359,6 @@ def stop_cluster(state: ClusterState | None = None) -> int:
         if pid_alive(info.pid):
             running += 1
         stop_pid(info.pid)
+    netns.destroy(state.netns)
     path.unlink(missing_ok=True)
     return running

@@ -12,12 +12,14 @@ from qroute.ops.cluster import (
     CLUSTER_TRANSPORTS,
     ClusterSpec,
     ClusterState,
+    InstanceInfo,
     healthy,
-    pid_alive,
+    prefill_corpus_http,
     start_cluster,
     state_dir,
     stop_cluster,
 )
+from qroute.ops.processes import pid_alive
 from qroute.ops.scrape import scrape, total
 
 
@@ -42,6 +44,7 @@ def _up(args: argparse.Namespace) -> int:
         mode=args.mode,
         transport=args.transport,
         base_port=args.base_port,
+        netns=args.netns,
     )
     secret = secrets.token_hex(16)  # the cluster's shared secret, in memory only
     state = start_cluster(spec, secret=secret)
@@ -114,6 +117,26 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if all(r["healthy"] for r in rows) else 1
 
 
+def _prefill(args: argparse.Namespace) -> int:
+    """The corpus prefill of instances started by hand (e.g. one per host): placement from the same ids, corpus,
+    replicas and chunk size as their configs, then each chunk on its owners, in order."""
+    from qroute.core.corpus import place_model_corpus
+
+    urls = dict(item.split("=", 1) for item in args.url)
+    if len(urls) != len(args.url) or not all(urls.values()):
+        raise ConfigError("--url takes INSTANCE_ID=OPENAI_BASE_URL, once per instance")
+    model_dir = model_dir_or_tiny(args.model_dir)
+    token_ids, directory = place_model_corpus(model_dir, Path(args.corpus).resolve(), name=args.corpus_name,
+                                              instances=list(urls), replicas=args.replicas,
+                                              blocks_per_chunk=args.blocks_per_chunk)  # fmt: skip
+    state = ClusterState(model_dir=str(model_dir), corpus_dir=args.corpus, corpus_name=args.corpus_name, mode="",
+                         instances=[InstanceInfo(instance_id=i, url=u, pid=0) for i, u in urls.items()])  # fmt: skip
+    prefill_corpus_http(state, token_ids.tolist(), directory)
+    print(f"qroute: corpus {args.corpus_name!r} ({directory.num_tokens} tokens, version {directory.version}) "
+          f"prefilled on {len(urls)} instances")  # fmt: skip
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
     stopped = stop_cluster()
     print(f"qroute: stopped {stopped} instance(s)")
@@ -132,11 +155,22 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--transport", choices=CLUSTER_TRANSPORTS, default="tcp",
                     help="nixl+tcp: both at once, each peer over the faster link it has")
     up.add_argument("--base-port", type=int, default=8100, help="HTTP ports base..base+N-1, owners base+100..")
+    up.add_argument("--netns", action="store_true",
+                    help="each instance in a network namespace of its own (10.77.0.k), as separate hosts; needs root")
     up.add_argument("--supervise", action="store_true",
                     help="stay in the foreground and start again (and prefill) any instance that dies")
     up.set_defaults(handler=_up)
     status = sub.add_parser("status", help="the local cluster: URL, PID, owned chunks, health, peers, last errors")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
+    prefill = sub.add_parser("prefill", help="prefill the corpus on instances started by hand (one per host)")
+    prefill.add_argument("--url", action="append", required=True, metavar="ID=URL",
+                         help="an instance's id and OpenAI base URL (http://host:port/v1); once per instance")
+    prefill.add_argument("--corpus", required=True)
+    prefill.add_argument("--corpus-name", default="corpus")
+    prefill.add_argument("--replicas", type=int, default=1)
+    prefill.add_argument("--blocks-per-chunk", type=int, default=16)
+    prefill.add_argument("--model-dir")
+    prefill.set_defaults(handler=_prefill)
     down = sub.add_parser("down", help="stop every instance of the local cluster by PID")
     down.set_defaults(handler=_down)

@@ -10,9 +10,7 @@ secret in memory only (the state file never has it).
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 from qroute.ops.cluster import (
     START_TIMEOUT_S,
@@ -21,9 +19,9 @@ from qroute.ops.cluster import (
     InstanceInfo,
     prefill_corpus_http,
     spawn_instance,
-    stop_pid,
     wait_healthy,
 )
+from qroute.ops.processes import leader_gone, stop_pid
 
 __all__ = ["rejoin", "supervise", "supervise_once"]
 
@@ -52,19 +50,6 @@ def rejoin(spec: ClusterSpec, state: ClusterState, k: int, secret: str, *, log=p
     state.save()
     log(f"qroute: instance {name!r} started again (pid {info.pid}), its {info.chunks} chunks prefilled")
     return info
-
-
-def leader_gone(pid: int) -> bool:
-    """Whether an instance's leading process (its API server) has ended, reaping it if it was our child."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def supervise_once(spec: ClusterSpec, state: ClusterState, secret: str, *, log=print) -> list[str]:

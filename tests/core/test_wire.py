@@ -46,7 +46,7 @@ def route_request(dtype: str = "float32", **kw: object) -> RouteRequest:
 
 def hello(**kw: object) -> Hello:
     fields: dict[str, object] = dict(
-        model_fingerprint="tiny@1", compat=handshake.compat_hash("tiny@1", 576, 64, "bfloat16"),
+        model_fingerprint="tiny@1", compat=handshake.compat_key("tiny@1", 576, 64, "bfloat16"),
         corpus_name="code", corpus_version="v1",
     )
     fields.update(kw)
@@ -262,7 +262,7 @@ SECRET = b"s3cret"
 
 def check(h: Hello, **kw: object) -> None:
     expected: dict[str, object] = dict(
-        model_fingerprint="tiny@1", compat=handshake.compat_hash("tiny@1", 576, 64, "bfloat16"),
+        model_fingerprint="tiny@1", compat=handshake.compat_key("tiny@1", 576, 64, "bfloat16"),
         corpus_name="code", corpus_version="v1",
     )
     expected.update(kw)
@@ -281,7 +281,7 @@ def test_matching_handshake_passes_both_ways() -> None:
     "kw,match",
     [
         (dict(model_fingerprint="other@2"), "model fingerprint"),
-        (dict(compat=handshake.compat_hash("tiny@1", 576, 64, "float32")), "compat hash"),
+        (dict(compat=handshake.compat_key("tiny@1", 576, 64, "float32")), "incompatible rows: dtype"),
         (dict(corpus_name="docs"), "corpus 'code'"),
         (dict(corpus_version="v2"), "corpus version"),
     ],
@@ -333,20 +333,30 @@ def test_fields_round_trip_and_refuse_malformed() -> None:
             handshake.unpack_fields(bad, count)
 
 
-def test_compat_hash() -> None:
-    compat_hash = handshake.compat_hash
-    base = compat_hash("m", 576, 64, "bfloat16")
-    assert base == compat_hash("m", 576, 64, "bfloat16", "e")
+def test_compat_key() -> None:
+    compat_key = handshake.compat_key
+    base = compat_key("m", 576, 64, "bfloat16")
+    assert base == compat_key("m", 576, 64, "bfloat16", "e")
     variants = {
-        compat_hash("m2", 576, 64, "bfloat16"), compat_hash("m", 656, 64, "bfloat16"),
-        compat_hash("m", 576, 32, "bfloat16"), compat_hash("m", 576, 64, "float32"),
-        compat_hash("m", 576, 64, "bfloat16", "2"),
+        compat_key("m2", 576, 64, "bfloat16"), compat_key("m", 656, 64, "bfloat16"),
+        compat_key("m", 576, 32, "bfloat16"), compat_key("m", 576, 64, "float32"),
+        compat_key("m", 576, 64, "bfloat16", "2"),
     }
     assert base not in variants and len(variants) == 5
     with pytest.raises(ConfigError, match="lse_base"):
-        compat_hash("m", 576, 64, "bfloat16", "10")
+        compat_key("m", 576, 64, "bfloat16", "10")
     with pytest.raises(ConfigError, match="dtype"):
-        compat_hash("m", 576, 64, "fp8")
+        compat_key("m", 576, 64, "fp8")
+
+
+@pytest.mark.parametrize("theirs,named", [
+    (("tiny@1", 576, 64, "float32"), "dtype float32 != local bfloat16"),
+    (("tiny@1", 576, 32, "bfloat16"), "block_size 32 != local 64"),
+    (("tiny@1", 656, 64, "bfloat16"), "latent_width 656 != local 576"),
+])  # fmt: skip
+def test_an_incompatible_peer_is_told_which_field_differs(theirs, named) -> None:
+    with pytest.raises(HandshakeMismatch, match=named):
+        check(hello(compat=handshake.compat_key(*theirs)))
 
 
 def test_messages_are_frozen_tagged_arrays() -> None:

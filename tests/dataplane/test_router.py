@@ -205,7 +205,7 @@ def test_handshake_refuses_mismatches(prepared, cluster):
                   compat=prepared.compat, secret=SECRET)  # fmt: skip
     with pytest.raises(HandshakeMismatch, match="model"):
         connect_owner(transport, addresses["b"], **{**common, "model_fingerprint": "0" * 32})
-    with pytest.raises(HandshakeMismatch, match="compat"):
+    with pytest.raises(HandshakeMismatch, match="incompatible rows"):
         connect_owner(transport, addresses["b"], **{**common, "compat": "0" * 32})
     changed = msgspec.structs.replace(prepared.directory, version="f" * 32)
     with pytest.raises(HandshakeMismatch, match="version"):

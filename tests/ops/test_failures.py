@@ -37,7 +37,8 @@ def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def owner_killed(cluster):
-    from qroute.ops.cluster import completion, stop_pid
+    from qroute.ops.cluster import completion
+    from qroute.ops.processes import stop_pid
 
     i0, i1 = cluster.instances
     completion(i0.url, PROMPT, max_tokens=2, kv_transfer_params={"qroute": {"mode": "route"}})  # served first

@@ -12,34 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-PROMPTS = [[5, 17, 42, 99, 7, 3, 11, 23], [8, 1, 64, 2, 19, 77], [30, 31, 32, 33, 34, 35, 36]]
+from tests.ops.faults import PROMPTS, answers, asker_and_first_owner, wait_for_line, wait_routed_again
+
 SECRET = "restart-test-secret"
-
-
-def _answers(url: str, mode: str) -> list[list[int]]:
-    from qroute.ops.check import greedy_completion
-
-    def one(prompt: list[int]) -> list[int]:
-        got = greedy_completion(url, prompt, 8, {"qroute": {"mode": mode}})
-        assert got["qroute"] and "error" not in got["qroute"], got["qroute"]
-        return got["tokens"]
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # several requests in flight at once
-        return list(pool.map(one, PROMPTS))
-
-
-def _wait_for_line(log: str, text: str, count: int, timeout_s: float, poke) -> None:
-    deadline = time.monotonic() + timeout_s
-    while Path(log).read_text(errors="replace").count(text) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} seen fewer than {count} times in {log}")
-        poke()
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -58,29 +37,22 @@ def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
 
 
 def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(cluster):
-    from qroute.core.corpus import place_model_corpus
     from qroute.ops.cluster import http_json, spawn_instance, wait_healthy
 
     spec, state = cluster
-    _, directory = place_model_corpus(spec.model_dir, spec.corpus_dir, name=spec.corpus_name,
-                                      instances=spec.instance_ids(), replicas=2, blocks_per_chunk=2)  # fmt: skip
-    # a requester and an owner it asks first for some chunks it does not hold itself
-    requester, restarted = next((r, c.owners[0]) for r in spec.instance_ids() for c in directory.chunks
-                                if r not in c.owners)  # fmt: skip
-    index = {info.instance_id: k for k, info in enumerate(state.instances)}
-    asker = state.instances[index[requester]]
-    before = {mode: _answers(asker.url, mode) for mode in ("route", "fetch")}
+    asker, victim, _ = asker_and_first_owner(spec, state)
+    restarted, k = victim.instance_id, state.instances.index(victim)
+    before = {mode: answers(asker.url, mode) for mode in ("route", "fetch")}
 
-    victim = state.instances[index[restarted]]
     os.killpg(victim.pid, signal.SIGKILL)
     os.waitpid(victim.pid, 0)  # start_cluster started it from this process: reap it (a zombie stays "alive")
-    process, info = spawn_instance(spec, index[restarted], SECRET)  # same ports, empty store, no prefill
-    state.instances[index[restarted]] = info
+    process, info = spawn_instance(spec, k, SECRET)  # same ports, empty store, no prefill
+    state.instances[k] = info
     wait_healthy([info], [process], 300.0)
     # the requester notices the old connection is gone (a request falls back), reconnects to the new process
-    _wait_for_line(asker.log, f"connected to owner '{restarted}'", 2, 120.0, lambda: _answers(asker.url, "route"))
+    wait_for_line(asker.log, f"connected to owner '{restarted}'", 2, 120.0, lambda: answers(asker.url, "route"))
 
-    after = {mode: _answers(asker.url, mode) for mode in ("route", "fetch")}
+    after = {mode: answers(asker.url, mode) for mode in ("route", "fetch")}
     assert after == before  # exact: the other replica answered what the restarted owner could not
     log = Path(asker.log).read_text(errors="replace")
     assert f"owner '{restarted}' failed: not_ready: owner '{restarted}' has not stored blocks" in log
@@ -95,19 +67,12 @@ def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(clu
 def test_the_supervisor_starts_a_dead_owner_again_prefilled_and_it_serves(cluster):
     """``qroute up --supervise``'s step: an owner that died is started again, its own chunks prefilled on it alone;
     it then answers its own requests exactly, and its peers route to it again instead of to the other replica."""
-    from qroute.core.corpus import place_model_corpus
-    from qroute.ops.scrape import scrape, total, wait_for
     from qroute.ops.supervisor import supervise_once
 
     spec, state = cluster
-    _, directory = place_model_corpus(spec.model_dir, spec.corpus_dir, name=spec.corpus_name,
-                                      instances=spec.instance_ids(), replicas=2, blocks_per_chunk=2)  # fmt: skip
-    requester, restarted = next((r, c.owners[0]) for r in spec.instance_ids() for c in directory.chunks
-                                if r not in c.owners)  # fmt: skip
-    index = {info.instance_id: k for k, info in enumerate(state.instances)}
-    asker = state.instances[index[requester]]
-    want = _answers(asker.url, "route")
-    victim = state.instances[index[restarted]]
+    asker, victim, directory = asker_and_first_owner(spec, state)
+    restarted, k = victim.instance_id, state.instances.index(victim)
+    want = answers(asker.url, "route")
     connected = Path(asker.log).read_text(errors="replace").count(f"connected to owner '{restarted}'")
 
     os.killpg(victim.pid, signal.SIGKILL)
@@ -116,20 +81,15 @@ def test_the_supervisor_starts_a_dead_owner_again_prefilled_and_it_serves(cluste
         assert time.monotonic() < deadline, "the supervisor did not see the killed owner go"
         time.sleep(0.2)
     assert rejoined == [restarted]
-    info = state.instances[index[restarted]]
+    info = state.instances[k]
     assert info.pid != victim.pid and info.chunks == len(directory.chunks_of(restarted))
-    assert {mode: _answers(info.url, mode) for mode in ("route", "fetch")} == {"route": want, "fetch": want}
+    assert {mode: answers(info.url, mode) for mode in ("route", "fetch")} == {"route": want, "fetch": want}
 
-    _wait_for_line(asker.log, f"connected to owner '{restarted}'", connected + 1, 120.0,
-                   lambda: _answers(asker.url, "route"))  # fmt: skip
+    wait_for_line(asker.log, f"connected to owner '{restarted}'", connected + 1, 120.0,
+                  lambda: answers(asker.url, "route"))  # fmt: skip
     refusals = Path(asker.log).read_text(errors="replace").count(f"owner '{restarted}' failed")
-    routed = total(scrape(asker.url), "vllm:qroute_corpus_parts_total", owner=restarted, decision="route")
-    assert _answers(asker.url, "route") == want
+    wait_routed_again(asker, restarted, want)
     assert Path(asker.log).read_text(errors="replace").count(f"owner '{restarted}' failed") == refusals
-    def routed_to_it(samples):
-        return total(samples, "vllm:qroute_corpus_parts_total", owner=restarted, decision="route")
-
-    assert routed_to_it(wait_for(lambda: scrape(asker.url), lambda s: routed_to_it(s) > routed)) > routed
     assert supervise_once(spec, state, SECRET) == []  # nothing else is down
 
 
@@ -138,40 +98,26 @@ def test_a_stopped_owner_costs_at_most_its_deadline_and_is_used_again_once_resum
     configured deadline (timeout_s, 2 s) per attempt, then takes its blocks from the other replica, exactly; the
     misses are counted on /metrics. Once resumed (SIGCONT) it is routed to again, and its late replies to calls
     that timed out change nothing."""
-    from qroute.core.corpus import place_model_corpus
     from qroute.ops.scrape import scrape, total, wait_for
 
     spec, state = cluster
-    _, directory = place_model_corpus(spec.model_dir, spec.corpus_dir, name=spec.corpus_name,
-                                      instances=spec.instance_ids(), replicas=2, blocks_per_chunk=2)  # fmt: skip
-    requester, stopped = next((r, c.owners[0]) for r in spec.instance_ids() for c in directory.chunks
-                              if r not in c.owners)  # fmt: skip
-    index = {info.instance_id: k for k, info in enumerate(state.instances)}
-    asker, victim = state.instances[index[requester]], state.instances[index[stopped]]
-    want = _answers(asker.url, "route")
+    asker, victim, _ = asker_and_first_owner(spec, state)
+    stopped = victim.instance_id
+    want = answers(asker.url, "route")
 
     def misses(samples):
         return total(samples, "vllm:qroute_deadline_misses_total", owner=stopped)
-
-    def routed(samples):
-        return total(samples, "vllm:qroute_corpus_parts_total", owner=stopped, decision="route")
 
     missed_before = misses(scrape(asker.url))
     os.killpg(victim.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        during = {mode: _answers(asker.url, mode) for mode in ("route", "fetch")}
+        during = {mode: answers(asker.url, mode) for mode in ("route", "fetch")}
         elapsed = time.monotonic() - start
     finally:
         os.killpg(victim.pid, signal.SIGCONT)
     assert during == {"route": want, "fetch": want}
     assert elapsed < 60.0, elapsed  # waits of a few deadlines, never a hang (the HTTP client's own limit is 300 s)
     assert misses(wait_for(lambda: scrape(asker.url), lambda s: misses(s) > missed_before)) > missed_before
-
-    routed_before = routed(scrape(asker.url))
-    deadline = time.monotonic() + 60.0
-    while routed(scrape(asker.url)) <= routed_before:  # past its back-off, the resumed owner answers again
-        assert time.monotonic() < deadline, "the resumed owner was not routed to again"
-        assert _answers(asker.url, "route") == want
-        time.sleep(1.0)
-    assert _answers(asker.url, "route") == want and _answers(victim.url, "route") == want
+    wait_routed_again(asker, stopped, want)
+    assert answers(victim.url, "route") == want
