@@ -142,6 +142,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.ops.cluster_cli",
         "qroute.ops.check",
         "qroute.ops.fuzz",
+        "qroute.ops.whatif",
         "qroute.ops.demo",
     ):
         try:

@@ -3,6 +3,7 @@ whose blocks the owner is asked for first, and waiting until an owner is routed 
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,12 +11,12 @@ from pathlib import Path
 PROMPTS = [[5, 17, 42, 99, 7, 3, 11, 23], [8, 1, 64, 2, 19, 77], [30, 31, 32, 33, 34, 35, 36]]
 
 
-def answers(url: str, mode: str) -> list[list[int]]:
+def answers(url: str, mode: str, max_tokens: int = 8) -> list[list[int]]:
     """Greedy tokens of ``PROMPTS``, all in flight at once, each one's corpus attention reported without error."""
     from qroute.ops.check import greedy_completion
 
     def one(prompt: list[int]) -> list[int]:
-        got = greedy_completion(url, prompt, 8, {"qroute": {"mode": mode}})
+        got = greedy_completion(url, prompt, max_tokens, {"qroute": {"mode": mode}})
         assert got["qroute"] and "error" not in got["qroute"], got["qroute"]
         return got["tokens"]
 
@@ -60,3 +61,29 @@ def wait_for_line(log: str, text: str, count: int, timeout_s: float, poke) -> No
             raise AssertionError(f"{text!r} seen fewer than {count} times in {log}")
         poke()
         time.sleep(0.5)
+
+
+def streamed_answers(url: str, mode: str, max_tokens: int, decoding: threading.Event) -> ThreadPoolExecutor:
+    """``PROMPTS`` streamed at once; ``decoding`` is set once every stream has its first token. Returns the pool
+    whose ``results`` attribute (a list of futures, in prompt order) gives each stream's token ids."""
+    from openai import OpenAI
+
+    started = threading.Barrier(len(PROMPTS), action=decoding.set)
+
+    def one(prompt: list[int]) -> list[int]:
+        client = OpenAI(base_url=url, api_key="test", max_retries=0, timeout=300.0)
+        tokens: list[int] = []
+        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                               logprobs=1, stream=True, extra_body={
+                                                   "return_tokens_as_token_ids": True,
+                                                   "kv_transfer_params": {"qroute": {"mode": mode}}}):  # fmt: skip
+            if chunk.choices and chunk.choices[0].logprobs is not None:
+                new = [int(t.rsplit(":", 1)[1]) for t in chunk.choices[0].logprobs.tokens]
+                if new and not tokens:
+                    started.wait(timeout=120.0)
+                tokens += new
+        return tokens
+
+    pool = ThreadPoolExecutor(len(PROMPTS))
+    pool.results = [pool.submit(one, prompt) for prompt in PROMPTS]  # type: ignore[attr-defined]
+    return pool

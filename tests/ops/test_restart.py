@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.ops.faults import PROMPTS, answers, asker_and_first_owner, wait_for_line, wait_routed_again
+from tests.ops.faults import (
+    PROMPTS,
+    answers,
+    asker_and_first_owner,
+    streamed_answers,
+    wait_for_line,
+    wait_routed_again,
+)
 
 SECRET = "restart-test-secret"
+MID_DECODE_TOKENS = 48  # long enough that the kill lands while every stream is decoding
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +73,26 @@ def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(clu
     assert f"is not ready on '{restarted}'" in Path(info.log).read_text(errors="replace")
 
 
-def test_the_supervisor_starts_a_dead_owner_again_prefilled_and_it_serves(cluster):
-    """``qroute up --supervise``'s step: an owner that died is started again, its own chunks prefilled on it alone;
-    it then answers its own requests exactly, and its peers route to it again instead of to the other replica."""
+def test_an_owner_killed_mid_decode_is_survived_and_the_supervisor_brings_it_back(cluster):
+    """Streams in flight on a requester when an owner it routes to is SIGKILLed: each one completes, token for
+    token as in the healthy cluster, from the other replica. Then ``qroute up --supervise``'s step: the dead owner
+    is started again, its own chunks prefilled on it alone; it answers its own requests exactly, and its peers
+    route to it again instead of to the other replica."""
     from qroute.ops.supervisor import supervise_once
 
     spec, state = cluster
     asker, victim, directory = asker_and_first_owner(spec, state)
     restarted, k = victim.instance_id, state.instances.index(victim)
-    want = answers(asker.url, "route")
+    want = answers(asker.url, "route", max_tokens=MID_DECODE_TOKENS)
     connected = Path(asker.log).read_text(errors="replace").count(f"connected to owner '{restarted}'")
 
-    os.killpg(victim.pid, signal.SIGKILL)
+    decoding = threading.Event()
+    with streamed_answers(asker.url, "route", MID_DECODE_TOKENS, decoding) as pool:
+        assert decoding.wait(120.0), "the streams did not start"
+        os.killpg(victim.pid, signal.SIGKILL)  # every stream has tokens, none is done
+        assert not any(f.done() for f in pool.results)
+        assert [f.result(timeout=300.0) for f in pool.results] == want
+
     deadline = time.monotonic() + 30.0
     while not (rejoined := supervise_once(spec, state, SECRET)):  # what `supervise` does every 2 s
         assert time.monotonic() < deadline, "the supervisor did not see the killed owner go"
@@ -83,12 +100,13 @@ def test_the_supervisor_starts_a_dead_owner_again_prefilled_and_it_serves(cluste
     assert rejoined == [restarted]
     info = state.instances[k]
     assert info.pid != victim.pid and info.chunks == len(directory.chunks_of(restarted))
-    assert {mode: answers(info.url, mode) for mode in ("route", "fetch")} == {"route": want, "fetch": want}
+    short = [tokens[:8] for tokens in want]
+    assert {mode: answers(info.url, mode) for mode in ("route", "fetch")} == {"route": short, "fetch": short}
 
     wait_for_line(asker.log, f"connected to owner '{restarted}'", connected + 1, 120.0,
                   lambda: answers(asker.url, "route"))  # fmt: skip
     refusals = Path(asker.log).read_text(errors="replace").count(f"owner '{restarted}' failed")
-    wait_routed_again(asker, restarted, want)
+    wait_routed_again(asker, restarted, short)
     assert Path(asker.log).read_text(errors="replace").count(f"owner '{restarted}' failed") == refusals
     assert supervise_once(spec, state, SECRET) == []  # nothing else is down
 
