@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -154,6 +155,27 @@ def run_child() -> Callable[[list[str], dict[str, str], float], subprocess.Compl
 
 
 _EXIT_STATUS: list[int] = []
+_LEAKED_THREADS: dict[str, list[str]] = {}  # test module -> qroute threads it left running
+
+
+def _qroute_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("qroute")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leaked_qroute_threads(request):
+    """Which module leaves a qroute server or peer thread running (reported at the end, not failed): a daemon
+    thread still inside NIXL when the interpreter tears the agents down is a suspect for the exit abort above."""
+    before = _qroute_threads()
+    yield
+    left = sorted(t.name for t in _qroute_threads() - before if t.is_alive())
+    if left:
+        _LEAKED_THREADS[request.module.__name__] = left
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for module, names in _LEAKED_THREADS.items():
+        terminalreporter.write_line(f"qroute threads left running by {module}: {names}")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
