@@ -19,22 +19,7 @@ from typing import Any
 
 from qroute.errors import QRouteError
 from qroute.ops.cluster import ClusterSpec, ClusterState, completion, http_json, start_cluster, stop_cluster
-
-
-def _group_peak_rss_mb(pid: int) -> float:
-    """Peak RSS of every process in the process group led by ``pid``, in MiB."""
-    total_kb = 0
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = status.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pid:  # field 5 of /proc/PID/stat, the process group
-                continue
-            for line in (status.parent / "status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total_kb += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total_kb / 1024
+from qroute.ops.procstats import group_peak_rss_mib
 
 
 def _stream_tpot(url: str, prompt: list[int], max_tokens: int, params: dict | None) -> tuple[float, float]:
@@ -61,7 +46,7 @@ def _measure(state: ClusterState, prompt: list[int], max_tokens: int, params: di
     return {
         "ttft_ms": statistics.median(r[0] for r in runs) * 1e3,
         "tpot_ms": statistics.median(r[1] for r in runs) * 1e3,
-        "peak_rss_mb": [_group_peak_rss_mb(i.pid) for i in state.instances],
+        "peak_rss_mb": [group_peak_rss_mib(i.pid) for i in state.instances],
     }
 
 
@@ -121,7 +106,7 @@ def run_ab(model_dir: Path, corpus: Path, *, max_tokens: int, repeats: int, base
             "kv_budget_tokens": budget_blocks * 16, "instances": 2,
             "completion_tokens": reply["usage"]["completion_tokens"],
             "qroute": (reply.get("kv_transfer_params") or {}).get("qroute"),
-            "peak_rss_mb": [_group_peak_rss_mb(i.pid) for i in state.instances],
+            "peak_rss_mb": [group_peak_rss_mib(i.pid) for i in state.instances],
         }  # fmt: skip
     finally:
         stop_cluster(state)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["group_pids", "group_usage"]
+__all__ = ["group_peak_rss_mib", "group_pids", "group_usage"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -54,3 +54,15 @@ def _fd_links(pid: int) -> list[str]:
         except OSError:  # closed since the listing
             continue
     return links
+
+
+def group_peak_rss_mib(pgid: int) -> float:
+    """The sum of the group's processes' peak RSS (``VmHWM``), in MiB."""
+    total_kb = 0
+    for pid in group_pids(pgid):
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total_kb += sum(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
+    return total_kb / 1024
