@@ -337,11 +337,16 @@ def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *,
     for chunk in directory.chunks:
         for owner in chunk.owners if only is None else [o for o in chunk.owners if o == only]:
             params = {"qroute": {"corpus": directory.name, "prefill_chunk": chunk.chunk_id}}
-            reply = completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1, kv_transfer_params=params)
+            where = f"prefill of chunk {chunk.chunk_id} of corpus {directory.name!r} on {owner!r}"
+            try:  # an instance with qroute's middleware answers a refused prefill (max_tokens=1) with HTTP 500
+                reply = completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1,
+                                   kv_transfer_params=params)  # fmt: skip
+            except QRouteError as exc:
+                raise QRouteError(f"{where} was not stored: {exc}") from None
             report = (reply.get("kv_transfer_params") or {}).get("qroute") or {}
             if report.get("error") or report.get("stored_chunk") != chunk.chunk_id:
-                raise QRouteError(f"prefill of chunk {chunk.chunk_id} of corpus {directory.name!r} on {owner!r} was "
-                                  f"not stored: {report.get('error') or report or 'no qroute report in the reply'}")
+                raise QRouteError(f"{where} was not stored: "
+                                  f"{report.get('error') or report or 'no qroute report in the reply'}")  # fmt: skip
         if chunk.chunk_id % 8 == 7 or chunk.chunk_id == len(directory.chunks) - 1:
             log(f"qroute: prefilled chunk {chunk.chunk_id + 1}/{len(directory.chunks)} of corpus {directory.name!r} "
                 f"({time.monotonic() - start:.1f} s)")  # fmt: skip

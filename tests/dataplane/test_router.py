@@ -212,6 +212,9 @@ def test_handshake_refuses_mismatches(prepared, cluster):
         connect_owner(transport, addresses["b"], **{**common, "directory": changed})
     with pytest.raises(HandshakeMismatch):
         connect_owner(transport, addresses["b"], **{**common, "secret": b"wrong"})
+    other = msgspec.structs.replace(prepared.directory, name="other-corpus")
+    with pytest.raises(HandshakeMismatch, match="holds no corpus 'other-corpus'"):
+        connect_owner(transport, addresses["b"], **{**common, "directory": other})
     assert connect_owner(transport, addresses["b"], **common) is not None  # still serving
 
 

@@ -171,9 +171,9 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_a_prefill_that_is_not_stored_is_an_error(cluster, tiny_fp32_model, sample_corpus):
-    """A directory that disagrees with the instances' (other chunk size): the instances refuse its chunks with
-    HTTP 200 and an error in the reply; the launcher must raise, naming the chunk."""
+    """A directory that disagrees with the instances' (other chunk size): the instances refuse its chunks (HTTP 500
+    through qroute's middleware, with the reason); the launcher must raise, naming the chunk and the reason."""
     token_ids, wrong = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=INSTANCES,
                                           blocks_per_chunk=BLOCKS_PER_CHUNK + 1)  # fmt: skip
-    with pytest.raises(QRouteError, match="prefill of chunk 0 .* was not stored"):
+    with pytest.raises(QRouteError, match="prefill of chunk 0 .* was not stored: .*not the token ids of chunk 0"):
         prefill_corpus_http(cluster, token_ids.tolist(), wrong, log=lambda *_: None)
