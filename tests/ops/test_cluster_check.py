@@ -86,9 +86,9 @@ def test_each_peer_is_reached_over_the_link_with_the_lower_probed_round_trip(rep
                 assert set(trips) == {"tcp"} and link["transport"] == "tcp"
             else:  # both serve both: both probed, the faster kept
                 assert set(trips) == {"nixl", "tcp"} and link["transport"] == min(trips, key=trips.get), link
-    # Both transports carried this check's traffic: NIXL's notification round trip (single-digit microseconds
-    # between processes here) beats a TCP request-reply (tens of microseconds), so i0 and i1 keep NIXL.
-    assert {links["i0"]["i1"]["transport"], links["i0"]["i2"]["transport"]} == {"nixl", "tcp"}, links
+    # Which transport wins between i0 and i1 is the machine's: usually NIXL (about 10 us against 100 us for TCP),
+    # but a link is chosen once, at connect, and probes taken while the other instances still start can say
+    # otherwise (NIXL 403 us, TCP 81 us seen once); the choice must be the probes' argmin, asserted above.
 
 
 def test_metrics_endpoint_exports_what_the_responses_report(report):
