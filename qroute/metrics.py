@@ -145,12 +145,14 @@ class Metrics:
         with self._lock:
             return tuple(self._counters[name] for name in names)
 
-    def snapshot(self) -> MetricsSnapshot:
+    def snapshot(self, *, timings: bool = True) -> MetricsSnapshot:
+        """A copy of everything; ``timings=False`` leaves the kept timings out (each holds up to ``TIMINGS_KEPT``
+        values: an exporter that reads the counts every engine step need not copy them)."""
         with self._lock:
             return MetricsSnapshot(
                 self.schema.component,
                 dict(self._counters),
-                {name: tuple(times) for name, times in self._timings.items()},
+                {name: tuple(times) for name, times in self._timings.items()} if timings else {},
                 dict(self._errors),
                 tuple(self._recent),
                 {name: dict(by_label) for name, by_label in self._labelled.items()},

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qroute.ops.cluster import CLUSTER_TRANSPORTS, ClusterSpec, ClusterState, start_cluster, stop_cluster
+from qroute.ops.cluster import CLUSTER_TRANSPORTS, ClusterSpec, ClusterState, start_cluster, stop_cluster, token_ids_of
 from qroute.ops.procstats import group_usage
 from qroute.ops.scrape import scrape
 
@@ -82,10 +82,6 @@ class _Tally:
                 self.errors.append(f"{key}: {type(exc).__name__}: {exc}"[:400])
 
 
-def _ids(tokens: list[str]) -> list[int]:
-    return [int(t.rsplit(":", 1)[1]) for t in tokens]  # return_tokens_as_token_ids: "token_id:<id>"
-
-
 def ask(client: Any, kind: str, question: str, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy token ids of one question through one endpoint (``KINDS``)."""
     extra = {"return_tokens_as_token_ids": True}
@@ -94,12 +90,13 @@ def ask(client: Any, kind: str, question: str, prompt: list[int], max_tokens: in
     if kind.startswith("completion"):
         reply = client.completions.create(prompt=prompt, logprobs=1, stream=stream, **common)
         chunks = reply if stream else [reply]
-        return _ids([t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens])
+        return token_ids_of([t for c in chunks if c.choices and c.choices[0].logprobs
+                             for t in c.choices[0].logprobs.tokens])  # fmt: skip
     reply = client.chat.completions.create(messages=[{"role": "user", "content": question}], logprobs=True,
                                            stream=stream, **common)  # fmt: skip
     chunks = reply if stream else [reply]
-    return _ids([t.token for c in chunks if c.choices and c.choices[0].logprobs
-                 for t in c.choices[0].logprobs.content or []])  # fmt: skip
+    return token_ids_of([t.token for c in chunks if c.choices and c.choices[0].logprobs
+                         for t in c.choices[0].logprobs.content or []])  # fmt: skip
 
 
 def _run_phase(clients: list[tuple[str, Any]], jobs: list[tuple], prompts: dict[str, list[int]], seconds: float,
@@ -148,6 +145,7 @@ def run_soak(spec: SoakSpec, log=print) -> dict[str, Any]:
     from openai import OpenAI
 
     from qroute.ops.demo_core import question_ids
+
 
     cluster = ClusterSpec(model_dir=spec.model_dir, corpus_dir=spec.corpus_dir, num_instances=spec.instances,
                           replicas=spec.replicas, transport=spec.transport, base_port=spec.base_port,

@@ -105,7 +105,7 @@ class StatsSampler:
         self._last_gauges: dict[str, float] = {}
 
     def _cumulative(self) -> dict[str, int]:
-        router, owner = self.router.snapshot(), self.owner.snapshot()
+        router, owner = self.router.snapshot(timings=False), self.owner.snapshot(timings=False)
         totals: dict[str, int] = {}
         for kind in _PARTS:
             for instance, n in router.labelled.get(kind, {}).items():

@@ -19,7 +19,8 @@ line, and ``"error"`` in its response (see ``QRouteWorkerMeta``). Under ``kv_loa
 ``get_block_ids_with_load_errors``) returns one of its already computed paged-cache blocks
 (``RequestStep.computed_block``), in this step if it has one, else in each of its next steps (``failed``),
 and vLLM's scheduler finishes it with FINISHED_ERROR. A request that fails on its first step (prefill) and
-ends there (``max_tokens=1``) still returns normally, with ``"error"``.
+ends there (``max_tokens=1``) returns normally, with ``"error"``, which ``qroute.plugin.vllm_http``'s middleware
+turns into HTTP 500 (not for a streamed request: vLLM streams no ``kv_transfer_params``).
 """
 
 from __future__ import annotations

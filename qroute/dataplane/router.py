@@ -264,14 +264,14 @@ class Router:
 
     def _timed(self, layer: int, part: OwnerPart, rows: int, seconds: float, fallbacks: int) -> None:
         decision = part.decision.value
+        fell_back = self.stats["fallbacks"] != fallbacks  # its time then measures the fallback, not the decision
         self.stats.observe("part_s", seconds, label=decision)
-        if part.alternative_us is not None:  # the predicate chose: was the rejected mode predicted faster?
+        if part.alternative_us is not None and not fell_back:  # the predicate chose: was the rejected mode faster?
             self.stats.add("predictions", label=decision)
             if seconds * 1e6 > part.alternative_us:
                 self.stats.add("mispredictions", label=decision)
         if self.timings is not None:
             tokens = sum(block_tokens(self.directory, b) for b in part.block_ids)
-            fell_back = self.stats["fallbacks"] != fallbacks
             self.timings.append(PartTiming(layer, part.owners[0], part.decision.value, tokens, rows, seconds,
                                            fell_back, part.predicted_us))  # fmt: skip
 

@@ -36,6 +36,7 @@ from qroute.ops.cluster import (
     link_choices,
     start_cluster,
     stop_cluster,
+    token_ids_of,
 )
 from qroute.ops.scrape import Samples, delta, scrape, total, wait_for
 
@@ -51,8 +52,7 @@ def greedy_completion(url: str, prompt: list[int], max_tokens: int, params: dict
                        extra={"return_tokens_as_token_ids": True, "prompt_logprobs": 1})  # fmt: skip
     choice = reply["choices"][0]
     logprobs = choice["logprobs"]
-    # return_tokens_as_token_ids makes each token "token_id:<id>"
-    tokens = [int(t.rsplit(":", 1)[1]) for t in logprobs["tokens"]]
+    tokens = token_ids_of(logprobs["tokens"])
     prompt_lps = [None if d is None else d[str(tok)]["logprob"]
                   for tok, d in zip(prompt, choice["prompt_logprobs"], strict=True)]  # fmt: skip
     return {"tokens": tokens, "logprobs": [float(x) for x in logprobs["token_logprobs"]],

@@ -161,6 +161,11 @@ def wait_healthy(instances: list[InstanceInfo], processes: list[subprocess.Popen
         time.sleep(1.0)
 
 
+def token_ids_of(tokens: list[str]) -> list[int]:
+    """Token ids of an OpenAI response's logprob tokens under ``return_tokens_as_token_ids`` ("token_id:<id>")."""
+    return [int(t.rsplit(":", 1)[1]) for t in tokens]
+
+
 def completion(
     url: str,
     prompt: list[int],

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from qroute.ops.procstats import stat_fields
+
 __all__ = ["leader_gone", "pid_alive", "reap", "spawn", "stop_pid"]
 
 
@@ -64,8 +66,5 @@ def leader_gone(pid: int) -> bool:
     """Whether a group's leading process (an instance's API server) has ended, reaping it if it was our child
     (a zombie leader still counts as a member of its group for ``pid_alive``)."""
     reap(pid)
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
+    fields = stat_fields(pid)
+    return fields is None or fields[0] == "Z"

@@ -7,23 +7,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["group_peak_rss_mib", "group_pids", "group_usage"]
+__all__ = ["group_peak_rss_mib", "group_pids", "group_usage", "stat_fields"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` after "pid (comm) ": state, ppid, pgrp, ...; None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
 
 
 def group_pids(pgid: int) -> list[int]:
     """The live processes of process group ``pgid``."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             pids.append(int(entry.name))
     return pids
 

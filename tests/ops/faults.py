@@ -68,6 +68,8 @@ def streamed_answers(url: str, mode: str, max_tokens: int, decoding: threading.E
     whose ``results`` attribute (a list of futures, in prompt order) gives each stream's token ids."""
     from openai import OpenAI
 
+    from qroute.ops.cluster import token_ids_of
+
     started = threading.Barrier(len(PROMPTS), action=decoding.set)
 
     def one(prompt: list[int]) -> list[int]:
@@ -78,7 +80,7 @@ def streamed_answers(url: str, mode: str, max_tokens: int, decoding: threading.E
                                                    "return_tokens_as_token_ids": True,
                                                    "kv_transfer_params": {"qroute": {"mode": mode}}}):  # fmt: skip
             if chunk.choices and chunk.choices[0].logprobs is not None:
-                new = [int(t.rsplit(":", 1)[1]) for t in chunk.choices[0].logprobs.tokens]
+                new = token_ids_of(chunk.choices[0].logprobs.tokens)
                 if new and not tokens:
                     started.wait(timeout=120.0)
                 tokens += new

@@ -16,7 +16,7 @@ import pytest
 from qroute.core.corpus import place_model_corpus
 from qroute.errors import QRouteError
 from qroute.ops.check import TOLERANCE
-from qroute.ops.cluster import ClusterSpec, prefill_corpus_http, start_cluster, stop_cluster
+from qroute.ops.cluster import ClusterSpec, prefill_corpus_http, start_cluster, stop_cluster, token_ids_of
 from qroute.ops.demo_core import question_ids
 
 QUESTIONS = [
@@ -38,10 +38,6 @@ REPLICAS = 2
 STEP_TOKENS = 24
 MAX_MODEL_LEN = 128
 KV_BLOCKS = 10
-
-
-def _ids(tokens: list[str]) -> list[int]:
-    return [int(t.rsplit(":", 1)[1]) for t in tokens]  # return_tokens_as_token_ids: "token_id:<id>"
 
 
 ON_CORPUS = {"qroute": {"corpus": "corpus"}}
@@ -66,14 +62,14 @@ def _completion(client, prompt: list[int], *, stream: bool, kv: dict | None = ON
             assert qroute and "error" not in qroute and qroute["local"] > 0, qroute
             REPORTS.append(qroute)
         logprobs = reply.choices[0].logprobs
-        return _ids(logprobs.tokens), list(logprobs.token_logprobs)
+        return token_ids_of(logprobs.tokens), list(logprobs.token_logprobs)
     tokens: list[str] = []
     values: list[float] = []
     for chunk in client.completions.create(**kwargs, stream=True, extra_body=_extra(kv)):
         if chunk.choices and chunk.choices[0].logprobs is not None:
             tokens += chunk.choices[0].logprobs.tokens
             values += chunk.choices[0].logprobs.token_logprobs
-    return _ids(tokens), values
+    return token_ids_of(tokens), values
 
 
 def _chat(client, question: str, *, stream: bool) -> Answer:
@@ -87,7 +83,7 @@ def _chat(client, question: str, *, stream: bool) -> Answer:
         for chunk in client.chat.completions.create(**kwargs, stream=True, extra_body=_extra()):
             if chunk.choices and chunk.choices[0].logprobs is not None:
                 content += chunk.choices[0].logprobs.content or []
-    return _ids([c.token for c in content]), [c.logprob for c in content]
+    return token_ids_of([c.token for c in content]), [c.logprob for c in content]
 
 
 @pytest.fixture(scope="module")
