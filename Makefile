@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qroute-installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean etcd
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check qroute tests
 
-test: lint
+# etcd for the membership tests (Debian's etcd-server; installed when missing, which needs root and apt).
+etcd:
+	command -v etcd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
+
+test: lint etcd
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

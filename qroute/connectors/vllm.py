@@ -28,6 +28,7 @@ from qroute.connectors.vllm_scheduler import QRouteSchedulerSide
 from qroute.connectors.vllm_stats import QRouteConnectorStats, QRoutePromMetrics
 from qroute.connectors.vllm_worker import QRouteWorkerSide
 from qroute.core.config import QRouteConfig, load_directory
+from qroute.dataplane.membership import initial_members, membership_for
 from qroute.errors import ConfigError
 from qroute.plugin.vllm import CorpusAttentionProvider, ensure_active
 
@@ -60,7 +61,9 @@ class QRouteConnector(KVConnectorBase_V1, CorpusAttentionProvider):
         super().__init__(vllm_config, role, kv_cache_config)
         ensure_active(vllm_config)
         config, model_dir = config_from_vllm(vllm_config)
-        tokens, directory = load_directory(config, model_dir)
+        membership = membership_for(config)  # etcd: a joining instance places the corpus over the members there
+        members = initial_members(membership, config.join, config.instance_ids) if membership else None
+        tokens, directory = load_directory(config, model_dir, members)
         self._scheduler: QRouteSchedulerSide | None = None
         self._worker: QRouteWorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -68,7 +71,7 @@ class QRouteConnector(KVConnectorBase_V1, CorpusAttentionProvider):
             policy = vllm_config.kv_transfer_config.kv_load_failure_policy
             self._scheduler = QRouteSchedulerSide(config, tokens, directory, block_size, fail_requests=policy == "fail")
         else:
-            self._worker = QRouteWorkerSide(config, directory, model_dir, vllm_config.model_config.dtype)
+            self._worker = QRouteWorkerSide(config, directory, model_dir, vllm_config.model_config.dtype, membership)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

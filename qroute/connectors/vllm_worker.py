@@ -29,6 +29,7 @@ import logging
 
 import torch
 
+from qroute.connectors.vllm_membership import WorkerMembership
 from qroute.connectors.vllm_meta import COUNTERS, QRouteStepMeta, QRouteWorkerMeta, RequestStep, map_rows
 from qroute.connectors.vllm_stats import QRouteConnectorStats, StatsSampler
 from qroute.connectors.vllm_step import RequestRun, StepGroup, batch_rows
@@ -37,6 +38,7 @@ from qroute.core.costmodel import Decision, load_fabric
 from qroute.core.geometry import geometry_from_config, load_config
 from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.decisionlog import DecisionLog
+from qroute.dataplane.membership import Membership, headroom_rows
 from qroute.dataplane.owner import OwnerService
 from qroute.dataplane.owner_links import OwnerLinks
 from qroute.dataplane.plan import RunItem
@@ -59,9 +61,12 @@ INTERLEAVED = True
 
 
 class QRouteWorkerSide:
-    def __init__(self, config: QRouteConfig, directory: CorpusDirectory, model_dir: str, model_dtype: torch.dtype):
+    def __init__(self, config: QRouteConfig, directory: CorpusDirectory, model_dir: str, model_dtype: torch.dtype,
+                 membership: Membership | None = None):  # fmt: skip
         self.config = config
-        self.directory = directory
+        self.directory = directory  # the routing placement (membership may change it between steps)
+        self._membership = membership
+        self.membership: WorkerMembership | None = None
         hf_config = load_config(model_dir)
         self.params = AttentionParams.from_config(hf_config)
         if model_dtype not in STORE_DTYPES:
@@ -109,7 +114,9 @@ class QRouteWorkerSide:
                                   f"{self.directory.block_size} rows of {self.width}")  # fmt: skip
         block_rows = shard_layout(self.directory, self.config.instance_id)
         num_rows = sum(count for _, count in block_rows.values())
-        layers = [torch.zeros(num_rows, self.width, dtype=self.store_dtype) for _ in range(num_layers)]
+        # with membership, room for what one member's leave moves here: a registered store never moves
+        room = num_rows + (headroom_rows(self.directory, self.config.instance_id) if self._membership else 0)
+        layers = [torch.zeros(room, self.width, dtype=self.store_dtype) for _ in range(num_layers)]
         fmt = row_format(self.store_dtype, self.params.kv_lora_rank, self.width - self.params.kv_lora_rank)
         if self.config.selector == "summary":  # every block's key bounds, for selection (its own and its peers')
             self.summaries = [BlockSummaries(self.directory.num_blocks, self.width) for _ in range(num_layers)]
@@ -127,20 +134,24 @@ class QRouteWorkerSide:
             row_format=fmt,
         )  # fmt: skip
         self.decisions = DecisionLog.from_env(self.config.instance_id)
-        peers = [i for i in self.directory.instances if i != self.config.instance_id]
-        self.sampler = StatsSampler(self.router.stats, service.stats,
-                                    lambda: {p: p in self.router.peers and self.router.peers[p].alive for p in peers})
+        self.sampler = StatsSampler(self.router.stats, service.stats, lambda: {
+            p: p in self.router.peers and self.router.peers[p].alive for p in self.links.peers})  # fmt: skip
         if self.decisions is not None:
             self.router.timings = []
         compat = compat_for(fingerprint, self.directory, self.width, fmt.name)
         self.links = OwnerLinks(self.config, service, self.directory, compat=compat, on_connect=self.router.add_peer)
         self.links.start()
+        if self._membership is not None:
+            self.membership = WorkerMembership(self._membership)
+            self.membership.start(self.config, self.shard, self.directory, self.links, self.chunk_stored)
         logger.info("qroute: corpus %r store: %d of %d tokens (%d chunks) x %d layers, %.1f MiB, instance %r",
                     self.directory.name, num_rows, self.directory.num_tokens,
                     len(self.directory.chunks_of(self.config.instance_id)), num_layers,
                     self.shard.nbytes / 2**20, self.config.instance_id)  # fmt: skip
 
     def close(self) -> None:
+        if self.membership is not None:
+            self.membership.close()
         if self.links is not None:
             self.links.close()
         if self.decisions is not None:
@@ -152,6 +163,10 @@ class QRouteWorkerSide:
         """Plan this step: ``slot_mapping [T]`` and ``query_start_loc [num_reqs + 1]`` of the forward."""
         self._runs, self._groups = {}, []
         self._slot_mapping = slot_mapping.to(device="cpu", dtype=torch.int64)
+        placement = self.membership.take_placement() if self.membership is not None else None
+        if placement is not None:  # membership changed: this step plans over the new owners
+            self.directory = placement[0]
+            self.router.set_placement(*placement)
         if self.router is None or not meta.requests:
             return
         self.router.refresh_probes(PROBE_REFRESH_S)

@@ -20,6 +20,10 @@ keys win over the file's):
 - ``selector`` ("dense" | "summary" | "indexer", default "dense"), ``topk`` (blocks per layer, for "summary"),
   ``window`` (most recent corpus blocks always attended, default 0): which corpus blocks a request attends to
   (``qroute.dataplane.selection``); a request may override them in ``kv_transfer_params.qroute``.
+- ``etcd`` ({"endpoint": "http://host:2379", "cluster": "qroute", "ttl_s": 10}): membership through etcd
+  (``qroute.dataplane.membership``): the instance keeps a record there, follows the others' and re-places the corpus
+  when members join or leave. ``join`` (false): this instance joins a running cluster (``instances`` then needs only
+  its own entry); its chunks are copied from their holders before it serves them.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "CORPORA_ENV",
     "MODES",
     "CorpusConfig",
+    "EtcdConfig",
     "Mode",
     "QRouteConfig",
     "RequestParams",
@@ -72,7 +77,7 @@ COMPARED_MODES = (Mode.ROUTE, Mode.FETCH, Mode.AUTO)  # what `qroute check` and 
 TRANSPORTS = ("tcp", "nixl")
 CORPORA_ENV = "QROUTE_CORPORA"  # comma-separated corpus names, for the API server's validator
 _KEYS = {"instance_id", "instances", "corpus", "transport", "fabric", "mode", "secret_env", "timeout_s",
-         "cache_bytes", "config_file", "selector", "topk", "window"}  # fmt: skip
+         "cache_bytes", "config_file", "selector", "topk", "window", "etcd", "join"}  # fmt: skip
 SELECTORS = ("dense", "summary", "indexer")
 
 
@@ -124,6 +129,24 @@ class CorpusConfig:
                 raise ConfigError(f"{_where('corpus')}[{key!r}] must be an int >= 1, got {value!r}")
 
 
+_ETCD_KEYS = {"endpoint", "cluster", "ttl_s"}
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoint: str
+    cluster: str = "qroute"
+    ttl_s: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{_where('etcd')}['endpoint'] must be an http(s) URL, got {self.endpoint!r}")
+        if not isinstance(self.cluster, str) or not self.cluster or "/" in self.cluster:
+            raise ConfigError(f"{_where('etcd')}['cluster'] must be a name without '/', got {self.cluster!r}")
+        if not isinstance(self.ttl_s, int) or isinstance(self.ttl_s, bool) or not 2 <= self.ttl_s <= 3600:
+            raise ConfigError(f"{_where('etcd')}['ttl_s'] must be an int in 2..3600 seconds, got {self.ttl_s!r}")
+
+
 @dataclass(frozen=True)
 class QRouteConfig:
     instance_id: str
@@ -138,8 +161,12 @@ class QRouteConfig:
     selector: str = "dense"
     topk: int = 0
     window: int = 0
+    etcd: EtcdConfig | None = None
+    join: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.join, bool) or (self.join and self.etcd is None):
+            raise ConfigError(f"{_where('join')}={self.join!r}: joining a running cluster needs {_where('etcd')}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"{_where('transport')}={self.transport!r}; allowed: {', '.join(TRANSPORTS)}")
         if not isinstance(self.instances, Mapping) or not self.instances:
@@ -151,7 +178,7 @@ class QRouteConfig:
         if self.instance_id not in self.instances:
             raise ConfigError(f"{_where('instance_id')}={self.instance_id!r} is not one of "
                               f"{_where('instances')} {sorted(self.instances)}")
-        if self.corpus.replicas > len(self.instances):
+        if self.corpus.replicas > len(self.instances) and not self.join:
             raise ConfigError(f"{_where('corpus')}['replicas']={self.corpus.replicas} exceeds the "
                               f"{len(self.instances)} instances")
         if not isinstance(self.fabric, str):
@@ -192,6 +219,12 @@ class QRouteConfig:
         if unknown or "name" not in corpus or "path" not in corpus:
             raise ConfigError(f"{_where('corpus')}: needs 'name' and 'path', allows {sorted(_CORPUS_KEYS)}; "
                               f"got {sorted(corpus)}")
+        etcd = merged.pop("etcd", None)
+        if etcd is not None:
+            if not isinstance(etcd, Mapping) or set(etcd) - _ETCD_KEYS or "endpoint" not in etcd:
+                raise ConfigError(f"{_where('etcd')} must be a dict with 'endpoint' and optionally 'cluster', "
+                                  f"'ttl_s'; got {etcd!r}")  # fmt: skip
+            merged["etcd"] = EtcdConfig(**etcd)
         instances = merged.pop("instances")
         if isinstance(instances, Mapping):
             instances = {str(k): v for k, v in instances.items()}
@@ -216,23 +249,7 @@ class QRouteConfig:
 
     def endpoints(self, instance: str) -> dict[str, tuple[str, int]]:
         """Transport -> (host, port) of every owner-service endpoint of ``instance``, in the configured order."""
-        value = self.instances[instance]
-        addresses = [value] if isinstance(value, str) else value
-        if not isinstance(addresses, list | tuple) or not addresses:
-            raise ConfigError(f"{_where('instances')}[{instance!r}]={value!r} must be 'host:port', "
-                              "'transport://host:port' or a non-empty list of them")  # fmt: skip
-        found: dict[str, tuple[str, int]] = {}
-        for address in addresses:
-            transport, host_port = self.transport, address
-            if isinstance(address, str) and "://" in address:
-                transport, host_port = address.split("://", 1)
-                if transport not in TRANSPORTS:
-                    raise ConfigError(f"{_where('instances')}[{instance!r}]: {address!r} names transport "
-                                      f"{transport!r}; allowed: {', '.join(TRANSPORTS)}")  # fmt: skip
-            if transport in found:
-                raise ConfigError(f"{_where('instances')}[{instance!r}] lists transport {transport!r} twice")
-            found[transport] = _split_address(instance, host_port)
-        return found
+        return parse_endpoints(instance, self.instances[instance], self.transport)
 
     def read_secret(self) -> bytes:
         """The shared secret from the environment variable ``secret_env``."""
@@ -241,6 +258,27 @@ class QRouteConfig:
             raise ConfigError(f"the shared secret is missing: set the environment variable {self.secret_env} "
                               f"(named by {_where('secret_env')}) to the same value on every instance")
         return value.encode()
+
+
+def parse_endpoints(instance: str, value: object, default_transport: str) -> dict[str, tuple[str, int]]:
+    """Transport -> (host, port) of an ``instances`` value: "host:port" (over ``default_transport``),
+    "transport://host:port", or a non-empty list of them."""
+    addresses = [value] if isinstance(value, str) else value
+    if not isinstance(addresses, list | tuple) or not addresses:
+        raise ConfigError(f"{_where('instances')}[{instance!r}]={value!r} must be 'host:port', "
+                          "'transport://host:port' or a non-empty list of them")  # fmt: skip
+    found: dict[str, tuple[str, int]] = {}
+    for address in addresses:
+        transport, host_port = default_transport, address
+        if isinstance(address, str) and "://" in address:
+            transport, host_port = address.split("://", 1)
+            if transport not in TRANSPORTS:
+                raise ConfigError(f"{_where('instances')}[{instance!r}]: {address!r} names transport "
+                                  f"{transport!r}; allowed: {', '.join(TRANSPORTS)}")  # fmt: skip
+        if transport in found:
+            raise ConfigError(f"{_where('instances')}[{instance!r}] lists transport {transport!r} twice")
+        found[transport] = _split_address(instance, host_port)
+    return found
 
 
 def _split_address(instance: str, address: object) -> tuple[str, int]:
@@ -263,11 +301,17 @@ def _read_yaml(path: object) -> dict[str, Any]:
     return data
 
 
-def load_directory(config: QRouteConfig, model_dir: str | Path) -> tuple[np.ndarray, CorpusDirectory]:
-    """Tokenize the configured corpus with the model's tokenizer and place it (``place_model_corpus``): the same
-    directory on every instance, so no instance needs to ask another."""
+def load_directory(config: QRouteConfig, model_dir: str | Path,
+                   instances: Sequence[str] | None = None) -> tuple[np.ndarray, CorpusDirectory]:  # fmt: skip
+    """Tokenize the configured corpus with the model's tokenizer and place it (``place_model_corpus``) on
+    ``instances`` (default: the configured ones): the same directory on every instance, so no instance needs to
+    ask another."""
     c = config.corpus
-    return place_model_corpus(model_dir, c.path, name=c.name, instances=config.instance_ids, replicas=c.replicas,
+    instances = sorted(instances) if instances is not None else config.instance_ids
+    if c.replicas > len(instances):
+        raise ConfigError(f"{_where('corpus')}['replicas']={c.replicas} exceeds the {len(instances)} members "
+                          f"{list(instances)}")  # fmt: skip
+    return place_model_corpus(model_dir, c.path, name=c.name, instances=instances, replicas=c.replicas,
                               block_size=BLOCK_SIZE, blocks_per_chunk=c.blocks_per_chunk)  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from qroute.core.config import QRouteConfig
+from qroute.core.config import QRouteConfig, parse_endpoints
 from qroute.core.costmodel import FabricProfile, load_fabric
 from qroute.core.placement import CorpusDirectory
 from qroute.dataplane.owner import OwnerService
@@ -48,10 +48,11 @@ class OwnerLinks:
         self.directory = directory
         self.compat = compat
         self.on_connect = on_connect
+        self.addresses: dict[str, object] = dict(config.instances)  # instance -> its ``instances`` value
         own = config.endpoints(config.instance_id)
         for peer in self.peers:
-            if not own.keys() & config.endpoints(peer).keys():
-                raise ConfigError(f"instance {peer!r} serves {sorted(config.endpoints(peer))} and "
+            if not own.keys() & self.endpoints(peer).keys():
+                raise ConfigError(f"instance {peer!r} serves {sorted(self.endpoints(peer))} and "
                                   f"{config.instance_id!r} {sorted(own)}: no transport reaches it")  # fmt: skip
         self.transports: dict[str, Transport] = {}
         self.fabrics: dict[str, FabricProfile] = {}  # transport -> the profile that prices its links
@@ -70,7 +71,38 @@ class OwnerLinks:
 
     @property
     def peers(self) -> tuple[str, ...]:
-        return tuple(i for i in self.config.instance_ids if i != self.config.instance_id)
+        return tuple(sorted(i for i in self.addresses if i != self.config.instance_id))
+
+    def endpoints(self, peer: str) -> dict[str, tuple[str, int]]:
+        return parse_endpoints(peer, self.addresses[peer], self.config.transport)
+
+    def set_members(self, addresses: dict[str, object]) -> None:
+        """The peers are now ``addresses`` (membership changed): connect to new ones in the background; stop
+        trying to reach those that left (a kept connection to one closes when it fails)."""
+        own = self.config.instance_id
+        new = {own: self.config.instances[own], **{i: a for i, a in addresses.items() if i != own}}
+        if new == self.addresses:
+            return
+        with self._cond:
+            self.addresses = new
+        self._start_connecting()
+
+    def connect_to(self, peer: str, addresses: object) -> Connection:
+        """A new handshaken connection to ``peer`` at ``addresses`` over the first transport both serve (for a
+        bulk copy that must not share the router's connection)."""
+        errors = []
+        for name, (host, port) in parse_endpoints(peer, addresses, self.config.transport).items():
+            if name not in self.transports:
+                continue
+            try:
+                return connect_owner(
+                    self.transports[name], f"{host}:{port}", instance_id=self.config.instance_id,
+                    directory=self.directory, model_fingerprint=self.directory.model_fingerprint,
+                    compat=self.compat, secret=self.service.secret, timeout_s=self.config.timeout_s,
+                )  # fmt: skip
+            except (QRouteError, OSError) as exc:
+                errors.append(f"{name}: {exc}")
+        raise QRouteError(f"cannot connect to {peer!r} at {addresses!r}: {'; '.join(errors) or 'no shared transport'}")
 
     def start(self) -> str:
         for name, transport in self.transports.items():
@@ -103,12 +135,14 @@ class OwnerLinks:
         reported: set[tuple[str, str]] = set()  # (peer, transport) handshake refusals logged
         while not self._stop.is_set():
             with self._cond:
-                missing = [p for p in self.peers if p not in self._connected]
+                missing = [p for p in self.peers if p not in self._connected and p in self.addresses]
                 if not missing:
                     self._thread = None
                     return
             for peer in missing:
-                candidates = self._connect_each_transport(peer, reported)
+                value = self.addresses.get(peer)  # None: it left meanwhile
+                endpoints = parse_endpoints(peer, value, self.config.transport) if value is not None else {}
+                candidates = self._connect_each_transport(peer, endpoints, reported)
                 if not candidates:
                     continue
                 region = region_name(self.directory.name, 0)
@@ -124,16 +158,17 @@ class OwnerLinks:
                     self.link_transports[peer] = kept
                     self.link_round_trips[peer] = round_trips
                     self._cond.notify_all()
-                host, port = self.config.endpoints(peer)[kept]
+                host, port = endpoints[kept]
                 logger.info("qroute: connected to owner %r over %s at %s:%d (probed round trips: %s)", peer, kept,
                             host, port, ", ".join(f"{n} {us:.1f} us" for n, us in round_trips.items()))  # fmt: skip
             self._stop.wait(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
-    def _connect_each_transport(self, peer: str, reported: set[tuple[str, str]]) -> dict[str, Connection]:
+    def _connect_each_transport(self, peer: str, endpoints: dict[str, tuple[str, int]],
+                                reported: set[tuple[str, str]]) -> dict[str, Connection]:  # fmt: skip
         """A handshaken connection to ``peer`` over each transport both serve (none where it is not up yet)."""
         connections: dict[str, Connection] = {}
-        for name, (host, port) in self.config.endpoints(peer).items():
+        for name, (host, port) in endpoints.items():
             if name not in self.transports:
                 continue
             try:

@@ -34,7 +34,7 @@ from qroute.dataplane.blockcache import BlockCache
 from qroute.dataplane.decisionlog import PartTiming
 from qroute.dataplane.peer import Peer, probe_fabric
 from qroute.dataplane.plan import OwnerPart, RouterConfig, RunItem, StepPlan
-from qroute.dataplane.shard import CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
+from qroute.dataplane.shard import BlockRows, CorpusShard, block_tokens, byte_ranges, region_name, shard_layout
 from qroute.errors import ConfigError, ErrorCode, QRouteError, RemoteError, TransportError, TransportTimeout
 from qroute.metrics import ROUTER, Metrics
 from qroute.numerics.attention import AttentionParams, Part, empty_part, merge, partial_attention
@@ -76,6 +76,7 @@ class Router:
         self.row_bytes = row_format.row_bytes
         self.cache = BlockCache(config.cache_bytes) if config.cache_bytes else None
         self.peers: dict[str, Peer] = {}
+        self.layouts: dict[str, BlockRows] = {}  # members' published store layouts (membership), else the placement's
         for name, conn in connections.items():
             if name != config.instance_id:
                 self.add_peer(name, conn)
@@ -87,17 +88,24 @@ class Router:
 
     def add_peer(self, instance_id: str, connection, fabric: FabricProfile | None = None,
                  probed: FabricProfile | None = None, *, probe: bool = True) -> None:  # fmt: skip
-        """Add (or replace) the connection to one owner, e.g. once a peer that started later is reachable.
-        ``fabric``: the configured profile of the link's transport (default: the router's). ``probed``: that
-        profile with the link's round trips measured already (``fastest_link``); else, with ``probe``, they are
-        measured now. The probed profile prices the owner's blocks from then on."""
+        """Add (or replace) the connection to one owner. ``fabric``: the configured profile of the link's transport
+        (default: the router's). ``probed``: it with the link's round trips measured (``fastest_link``); else, with
+        ``probe``, they are measured now. The probed profile prices the owner's blocks from then on."""
         if instance_id == self.config.instance_id:
             raise ConfigError(f"instance {instance_id!r} is this router's own instance, not a peer")
         base = fabric or self.fabric
         if probed is None and probe:
             probed = probe_fabric(base, connection, region_name(self.directory.name, 0))
-        layout = shard_layout(self.directory, instance_id)
+        layout = self.layouts.get(instance_id) or shard_layout(self.directory, instance_id)
         self.peers[instance_id] = Peer(instance_id, connection, layout, probed, base)
+
+    def set_placement(self, directory: CorpusDirectory, layouts: dict[str, BlockRows]) -> None:
+        """Membership changed: attend through ``directory``'s owners, reading each member's rows at ``layouts``."""
+        self.directory, self.layouts = directory, dict(layouts)
+        self._dense.clear()
+        for name, peer in list(self.peers.items()):
+            if name in layouts and layouts[name] != peer.block_rows:
+                peer.block_rows, peer.all_ready = layouts[name], False
 
     def refresh_probes(self, max_age_s: float) -> None:
         """Measure again the round trips of the peer probed longest ago, if that is over ``max_age_s`` ago: one

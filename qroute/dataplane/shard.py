@@ -49,11 +49,17 @@ def chunk_blocks(directory: CorpusDirectory, chunk) -> range:
 
 
 def shard_layout(directory: CorpusDirectory, instance: str) -> BlockRows:
-    """Where each block ``instance`` holds sits in its shard."""
+    """Where each block ``instance`` holds sits in its shard: its chunks in chunk order."""
+    return chunk_layout(directory, [c.chunk_id for c in directory.chunks_of(instance)])
+
+
+def chunk_layout(directory: CorpusDirectory, chunk_ids: Sequence[int], first_row: int = 0) -> BlockRows:
+    """Where each block of ``chunk_ids`` sits in a store that holds those chunks in that order from ``first_row``
+    (a store that gains chunks when membership changes appends them: ``CorpusShard.add_chunks``)."""
     rows: BlockRows = {}
-    next_row = 0
-    for chunk in directory.chunks_of(instance):
-        for block_id in chunk_blocks(directory, chunk):
+    next_row = first_row
+    for chunk_id in chunk_ids:
+        for block_id in chunk_blocks(directory, directory.chunk(chunk_id)):
             start, end = block_range(directory, block_id)
             rows[block_id] = (next_row, end - start)
             next_row += end - start
@@ -114,17 +120,48 @@ class CorpusShard:
     _all_ready: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        num_rows = sum(count for _, count in self.block_rows.values())
+        num_rows = self.used_rows
         fmt = self.format
-        for layer, rows in enumerate(self.layers):
-            if rows.shape != (num_rows, fmt.storage_width) or rows.dtype != fmt.storage_dtype \
-                    or not rows.is_contiguous():
+        for layer, rows in enumerate(self.layers):  # rows past the held blocks' are room for chunks gained later
+            if rows.ndim != 2 or rows.shape[0] < num_rows or rows.shape[1] != fmt.storage_width \
+                    or rows.dtype != fmt.storage_dtype or not rows.is_contiguous():
                 raise ConfigError(f"shard layer {layer}: rows {rows.dtype} {tuple(rows.shape)} must be contiguous "
-                                  f"[{num_rows}, {fmt.storage_width}] {fmt.storage_dtype} ({fmt.name})")
+                                  f"[>= {num_rows}, {fmt.storage_width}] {fmt.storage_dtype} ({fmt.name})")
         if self.ready is None:  # rows given at construction: every held block is ready
             self.ready = torch.zeros(self.directory.num_blocks, dtype=torch.uint8)
             self.ready[list(self.block_rows)] = 1
         self._all_ready = bool(self.ready[list(self.block_rows)].all())
+
+    @property
+    def used_rows(self) -> int:
+        return max((row + count for row, count in self.block_rows.values()), default=0)
+
+    @property
+    def capacity_rows(self) -> int:
+        return self.layers[0].shape[0] if self.layers else 0
+
+    def store_chunks(self) -> list[int]:
+        """The chunks held, in the order of their rows (what ``chunk_layout`` needs to find them)."""
+        order: list[int] = []
+        for block_id in sorted(self.block_rows, key=lambda b: self.block_rows[b][0]):
+            chunk_id = self.directory.chunk_for_block(block_id).chunk_id
+            if not order or order[-1] != chunk_id:
+                order.append(chunk_id)
+        return order
+
+    def add_chunks(self, chunk_ids: Sequence[int]) -> None:
+        """Hold ``chunk_ids`` too, in the rows after the used ones (not ready until ``mark_ready``); raises
+        CorpusError when the store has no room for them."""
+        added = chunk_layout(self.directory, [c for c in chunk_ids if c not in self.store_chunks()], self.used_rows)
+        need = max((row + count for row, count in added.values()), default=0)
+        if need > self.capacity_rows:
+            raise CorpusError(f"corpus {self.directory.name!r}: instance {self.instance!r} has no room for chunks "
+                              f"{list(chunk_ids)[:8]} ({need} rows needed, {self.capacity_rows} allocated)")
+        for block_id in added:
+            self.ready[block_id] = 0
+        self.block_rows = {**self.block_rows, **added}  # one assignment: the owner's threads see old or new
+        self._slots_kept.clear()
+        self._all_ready = False
 
     def mark_ready(self, block_ids: Sequence[int]) -> None:
         """The rows of ``block_ids`` are stored, every layer: serve them from now on."""

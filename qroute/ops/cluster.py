@@ -24,6 +24,7 @@ from typing import Any
 
 from qroute.errors import ConfigError, QRouteError
 from qroute.ops import netns
+from qroute.ops.etcd_server import start_etcd
 from qroute.ops.processes import pid_alive, spawn, stop_pid
 
 STATE_ENV = "QROUTE_STATE_DIR"
@@ -57,6 +58,9 @@ class ClusterState:
     corpus_tokens: int = 0
     corpus_version: str = ""
     netns: list[str] = field(default_factory=list)  # instances in network namespaces (``ClusterSpec.netns``)
+    etcd_endpoint: str = ""  # membership through this etcd (``ClusterSpec.etcd``), started with the cluster
+    etcd_pid: int = 0
+    spec: dict[str, Any] = field(default_factory=dict)  # the ClusterSpec it was started from (``spec_of``)
 
     def save(self, path: Path | None = None) -> Path:
         path = path or state_dir() / "cluster.json"
@@ -209,8 +213,11 @@ class ClusterSpec:
     selector: str = "dense"  # the instances' default block selection (and whether they keep block summaries)
     topk: int = 0
     netns: bool = False  # each instance in a network namespace of its own, as separate hosts (``qroute.ops.netns``)
+    etcd: bool = False  # membership through an etcd started with the cluster: instances may join and leave later
 
     def __post_init__(self) -> None:
+        if self.etcd and (self.netns or self.corpus_dir is None):
+            raise ConfigError("--etcd needs a corpus and runs on loopback (not with --netns)")
         if self.num_instances < 1:
             raise ConfigError(f"--instances must be >= 1, got {self.num_instances}")
         if self.transport not in CLUSTER_TRANSPORTS:
@@ -231,6 +238,10 @@ class ClusterSpec:
     def owner_port(self, k: int) -> int:
         return self.base_port + 100 + k
 
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.base_port + 300}" if self.etcd else ""
+
     def owner_addresses(self, k: int) -> str | list[str]:
         """Instance ``k``'s owner-service endpoints (``instances`` of the connector config): one on the spec's
         transport; with ``nixl+tcp``, NIXL and TCP (a second port) on every instance but the last, TCP only on the
@@ -242,12 +253,25 @@ class ClusterSpec:
         return tcp if k == self.num_instances - 1 else [f"nixl://{address}", tcp]
 
 
+def spec_of(state: ClusterState) -> ClusterSpec:
+    """The spec a recorded cluster was started from (to start more instances of it)."""
+    if not state.spec:
+        raise ConfigError("this cluster's state has no spec (started by an older qroute): `qroute down` and up")
+    spec = dict(state.spec)
+    spec["model_dir"] = Path(spec["model_dir"])
+    spec["corpus_dir"] = Path(spec["corpus_dir"]) if spec["corpus_dir"] else None
+    return ClusterSpec(**spec)
+
+
 def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
-    """The ``--kv-transfer-config`` of instance ``k``."""
+    """The ``--kv-transfer-config`` of instance ``k``; ``k`` past the spec's instances: one joining through etcd."""
     ids = spec.instance_ids()
+    joining = k >= spec.num_instances
+    name = f"i{k}"
     extra = {
-        "instance_id": ids[k],
-        "instances": {name: spec.owner_addresses(j) for j, name in enumerate(ids)},
+        "instance_id": name,
+        "instances": {name: spec.owner_addresses(k)} if joining else
+                     {i: spec.owner_addresses(j) for j, i in enumerate(ids)},
         "corpus": {"name": spec.corpus_name, "path": str(spec.corpus_dir), "replicas": spec.replicas,
                    "blocks_per_chunk": spec.blocks_per_chunk},
         "transport": "nixl" if spec.transport == NIXL_AND_TCP else spec.transport,
@@ -256,6 +280,8 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
     }  # fmt: skip
     if spec.selector != "dense":
         extra.update(selector=spec.selector, topk=spec.topk)
+    if spec.etcd:
+        extra.update(etcd={"endpoint": spec.etcd_endpoint, "cluster": "qroute"}, join=joining)
     return {
         "kv_connector": "QRouteConnector",
         "kv_connector_module_path": "qroute.connectors.vllm",
@@ -265,8 +291,9 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
 
 
 def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.Popen, InstanceInfo]:
-    """Start instance ``k`` of ``spec`` (its own process group, log under the state directory); not waited for."""
-    name = spec.instance_ids()[k]
+    """Start instance ``k`` of ``spec`` (its own process group, log under the state directory); not waited for.
+    ``k`` past the spec's instances: one that joins through etcd."""
+    name = f"i{k}"
     extra: list[str] = []
     env = engine_env(k)
     if spec.corpus_dir is not None:
@@ -301,11 +328,15 @@ def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) ->
         mode=spec.mode,
     )
     secret = secret or secrets.token_hex(16)
+    state.spec = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()}
     processes = []
     try:
         if spec.netns:
             netns.create(spec.instance_ids())
             state.netns = spec.instance_ids()
+        if spec.etcd:
+            server = start_etcd(state_dir() / "etcd", spec.base_port + 300, log_path=state_dir() / "logs" / "etcd.log")
+            state.etcd_endpoint, state.etcd_pid = server.endpoint, server.pid
         for k in range(spec.num_instances):
             process, info = spawn_instance(spec, k, secret)
             processes.append(process)
@@ -327,6 +358,8 @@ def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) ->
     except BaseException:
         for process in processes:
             stop_pid(process.pid)
+        if state.etcd_pid:
+            stop_pid(state.etcd_pid)
         netns.destroy(state.netns)
         (state_dir() / "cluster.json").unlink(missing_ok=True)
         raise
@@ -369,6 +402,8 @@ def stop_cluster(state: ClusterState | None = None) -> int:
         if pid_alive(info.pid):
             running += 1
         stop_pid(info.pid)
+    if state.etcd_pid:
+        stop_pid(state.etcd_pid)
     netns.destroy(state.netns)
     path.unlink(missing_ok=True)
     return running

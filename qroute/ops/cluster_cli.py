@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 from pathlib import Path
 
 from qroute.errors import ConfigError
 from qroute.ops.cluster import (
     CLUSTER_TRANSPORTS,
+    SECRET_ENV,
     ClusterSpec,
     ClusterState,
     InstanceInfo,
     healthy,
     prefill_corpus_http,
+    spec_of,
     start_cluster,
     state_dir,
     stop_cluster,
@@ -45,8 +48,10 @@ def _up(args: argparse.Namespace) -> int:
         transport=args.transport,
         base_port=args.base_port,
         netns=args.netns,
+        etcd=args.etcd,
     )
-    secret = secrets.token_hex(16)  # the cluster's shared secret, in memory only
+    # the cluster's shared secret, in memory only: QROUTE_SECRET's if set (`qroute join` needs the same one)
+    secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
     state = start_cluster(spec, secret=secret)
     print(f"qroute: corpus {state.corpus_name!r}: {state.corpus_tokens} tokens, version {state.corpus_version}")
     for info in state.instances:
@@ -137,6 +142,24 @@ def _prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join(args: argparse.Namespace) -> int:
+    from qroute.ops.membership_ops import join_instance
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise ConfigError(f"`qroute join` needs the cluster's secret in {SECRET_ENV} (the one `qroute up` was given)")
+    state = ClusterState.load()
+    join_instance(spec_of(state), state, secret)
+    return 0
+
+
+def _leave(args: argparse.Namespace) -> int:
+    from qroute.ops.membership_ops import leave_instance
+
+    leave_instance(ClusterState.load(), args.instance)
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
     stopped = stop_cluster()
     print(f"qroute: stopped {stopped} instance(s)")
@@ -159,7 +182,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                     help="each instance in a network namespace of its own (10.77.0.k), as separate hosts; needs root")
     up.add_argument("--supervise", action="store_true",
                     help="stay in the foreground and start again (and prefill) any instance that dies")
+    up.add_argument("--etcd", action="store_true",
+                    help="membership through an etcd started with the cluster, so that `qroute join` / `qroute leave` "
+                         "can grow and shrink it; set QROUTE_SECRET to keep the secret for joins")
     up.set_defaults(handler=_up)
+    join = sub.add_parser("join", help="start one more instance that joins a `qroute up --etcd` cluster")
+    join.set_defaults(handler=_join)
+    leave = sub.add_parser("leave", help="move an instance's chunks to their new owners, then stop it")
+    leave.add_argument("instance")
+    leave.set_defaults(handler=_leave)
     status = sub.add_parser("status", help="the local cluster: URL, PID, owned chunks, health, peers, last errors")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
