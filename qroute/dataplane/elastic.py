@@ -31,7 +31,7 @@ from qroute.dataplane.membership import (
 )
 from qroute.dataplane.shard import BlockRows, CorpusShard, byte_ranges, chunk_blocks, chunk_layout, ready_region_name
 from qroute.dataplane.shard import region_name as layer_region
-from qroute.errors import QRouteError
+from qroute.errors import CorpusError, QRouteError
 from qroute.transport.base import Connection
 
 __all__ = ["MembershipFollower"]
@@ -148,7 +148,11 @@ class MembershipFollower:
                 logger.debug("qroute: chunk %d has no ready holder to copy from", chunk.chunk_id)
                 continue
             if chunk.chunk_id not in self.shard.store_chunks():
-                self.shard.add_chunks([chunk.chunk_id])
+                try:
+                    self.shard.add_chunks([chunk.chunk_id])
+                except CorpusError as exc:  # no room left: it stays on its holders (or is refused), said loudly
+                    logger.error("qroute: cannot take chunk %d: %s", chunk.chunk_id, exc)
+                    continue
             for holder in holders:
                 try:
                     self._copy(chunk, holder)

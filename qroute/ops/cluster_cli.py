@@ -95,12 +95,18 @@ def cluster_status(state: ClusterState) -> list[dict]:
     """Each instance: URL, PID, whether it runs and is healthy, owned chunks, its view of its peers (empty before
     its first step) and its last qroute errors."""
     rows = []
+    members = {}
+    if state.etcd_endpoint:
+        from qroute.ops.membership_ops import member_records
+
+        members = {i: f"{r.state}, {len(r.ready_chunks)} chunks ready" for i, r in member_records(state).items()}
     for info in state.instances:
         alive = pid_alive(info.pid)
         ok = alive and healthy(info.url)
         rows.append({"instance": info.instance_id, "url": info.url, "pid": info.pid, "alive": alive, "healthy": ok,
                      "owned_chunks": info.chunks, "peers": peer_health(info.url) if ok and info.chunks else {},
-                     "last_errors": last_errors(info.log)})  # fmt: skip
+                     "last_errors": last_errors(info.log),
+                     **({"member": members.get(info.instance_id, "no record")} if state.etcd_endpoint else {})})
     return rows
 
 
@@ -113,7 +119,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"corpus {state.corpus_name!r}: {state.corpus_tokens} tokens, mode {state.mode}")
         for r in rows:
             health = "healthy" if r["healthy"] else ("running, not healthy" if r["alive"] else "DOWN")
-            print(f"{r['instance']}  {r['url']}  pid {r['pid']}  {health}  owns {r['owned_chunks']} chunks")
+            member = f"  member: {r['member']}" if "member" in r else ""
+            print(f"{r['instance']}  {r['url']}  pid {r['pid']}  {health}  owns {r['owned_chunks']} chunks{member}")
             for peer, h in r["peers"].items():
                 print(f"    peer {peer}: {'up' if h['up'] else 'DOWN'}, fallbacks {h['fallbacks']:.0f}, "
                       f"deadline misses {h['deadline_misses']:.0f}")

@@ -229,3 +229,32 @@ def test_a_member_joins_and_another_leaves(etcd):
         for m in members:
             m.membership.leave()
             m.close()
+
+
+def test_a_dead_members_chunks_are_copied_from_their_other_replica(etcd):
+    """Replicas 2: a member stops renewing (its owner service closed, as a killed process's would be); when its
+    lease expires the others re-place without it and copy each chunk it held from the chunk's other replica."""
+    torch.manual_seed(1)
+    true_rows = [torch.randn(TOKENS, FMT.width) for _ in range(2)]
+    cluster = f"dead{time.monotonic_ns()}"
+    members = [_Member(n, etcd, cluster, ["a", "b", "c"], true_rows, joining=False, replicas=2) for n in "abc"]
+    try:
+        _rounds(members, 2)
+        start = _directory(["a", "b", "c"], replicas=2)
+        _check_placement(start, members, true_rows)
+        dead = members.pop(1)
+        dead.close()  # no more rounds: its lease (5 s) is not renewed
+        deadline = time.monotonic() + 20
+        while "b" in members[0].membership.records():
+            assert time.monotonic() < deadline, "b's lease did not expire"
+            time.sleep(0.5)
+        _rounds(members, 2)
+        after = start.with_instances(["a", "c"])
+        assert all(m.routed[-1][0].instances == ("a", "c") for m in members)
+        assert {m.name: sorted(m.follower.copied) for m in members if m.follower.copied} == \
+            {n: sorted(cs) for n, cs in moved_chunks(start, after).items()}  # fmt: skip
+        _check_placement(after, members, true_rows)  # every chunk on both survivors, true rows
+    finally:
+        for m in members:
+            m.membership.leave()
+            m.close()

@@ -77,6 +77,10 @@ def test_an_instance_joins_and_another_leaves_with_answers_unchanged(cluster):
     assert set(moved) == {"i2"} and 0 < len(moved["i2"]) < len(two.chunks)
     assert sorted(records["i2"].ready_chunks) == moved["i2"]  # it copied exactly the chunks that moved to it
     print(f"join: {len(moved['i2'])} of {len(two.chunks)} chunks moved to i2")
+    from qroute.ops.cluster_cli import cluster_status
+
+    assert {r["instance"]: r["member"].split(",")[0] for r in cluster_status(state)} == \
+        dict.fromkeys(["i0", "i1", "i2"], "serving")  # fmt: skip
 
     routed, fetched = _parts(i0.url, "i2", "route"), _parts(i1.url, "i2", "fetch")
     for mode in ("route", "fetch"):
