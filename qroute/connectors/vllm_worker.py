@@ -20,7 +20,7 @@ line, and ``"error"`` in its response (see ``QRouteWorkerMeta``). Under ``kv_loa
 (``RequestStep.computed_block``), in this step if it has one, else in each of its next steps (``failed``),
 and vLLM's scheduler finishes it with FINISHED_ERROR. A request that fails on its first step (prefill) and
 ends there (``max_tokens=1``) returns normally, with ``"error"``, which ``qroute.plugin.vllm_http``'s middleware
-turns into HTTP 500 (not for a streamed request: vLLM streams no ``kv_transfer_params``).
+turns into HTTP 500 (a streamed one it serves unstreamed for that: vLLM streams no ``kv_transfer_params``).
 """
 
 from __future__ import annotations

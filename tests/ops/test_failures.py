@@ -35,6 +35,24 @@ def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
             stop_cluster(state)
 
 
+def test_a_one_token_stream_is_answered_as_a_stream(cluster):
+    """Both instances up: a streamed one-token request (which the middleware serves unstreamed, to check it) reaches
+    the official client as a stream with the same token as the unstreamed answer, through completions and chat,
+    several at once. (Runs before the fixtures below kill i1.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from qroute.bench.soak import KINDS, ask
+
+    client = OpenAI(base_url=cluster.instances[0].url, api_key="test", max_retries=0)
+    question = "Which class keeps the items?"
+    with ThreadPoolExecutor(len(KINDS)) as pool:
+        got = dict(zip(KINDS, pool.map(lambda kind: ask(client, kind, question, PROMPT, 1), KINDS), strict=True))
+    assert all(len(tokens) == 1 for tokens in got.values()), got
+    assert got["completion stream"] == got["completion"] and got["chat stream"] == got["chat"], got
+
+
 @pytest.fixture(scope="module")
 def owner_killed(cluster):
     from qroute.ops.cluster import completion
@@ -80,3 +98,14 @@ def test_status_shows_the_dead_owner_and_the_last_errors(owner_killed):
     assert rows["i0"]["peers"]["i1"]["up"] == 0.0  # as i0 sees it, from its /metrics
     assert rows["i0"]["peers"]["i1"]["fallbacks"] >= 1
     assert any("i1" in line for line in rows["i0"]["last_errors"]), rows["i0"]["last_errors"]
+
+
+@pytest.mark.parametrize("kind", ["completion stream", "chat stream"])
+def test_a_one_token_stream_that_lost_its_corpus_is_an_error(owner_killed, kind):
+    import openai
+
+    from qroute.bench.soak import ask
+
+    client = openai.OpenAI(base_url=owner_killed.instances[0].url, api_key="test", max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="corpus attention failed"):
+        ask(client, kind, "Which class keeps the items?", PROMPT, 1)

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from qroute.plugin.vllm_http import CorpusErrorMiddleware, corpus_error
+from qroute.plugin.vllm_http import CorpusErrorMiddleware, corpus_error, one_step_stream
 
 FAILED = {"choices": [{"text": "x"}], "kv_transfer_params": {"qroute": {"route": 0, "error": "owner 'i1' is down"}}}
 SERVED = {"choices": [{"text": "x"}], "kv_transfer_params": {"qroute": {"route": 4}}}
@@ -65,3 +65,55 @@ def test_other_paths_and_streams_pass_unchanged():
                                   b'{"kv_transfer_params": {"qroute": {}}}'])
 def test_bodies_without_a_qroute_error_have_none(body):
     assert corpus_error(body) is None
+
+
+def app_recording(reply, seen: list):
+    """An app that records the request body it got and answers ``reply`` unstreamed (what vLLM does for it)."""
+    async def endpoint(request):
+        seen.append(await request.json())
+        return JSONResponse(reply)
+
+    app = Starlette(routes=[Route(path, endpoint, methods=["POST"])
+                            for path in ("/v1/completions", "/v1/chat/completions")])  # fmt: skip
+    app.add_middleware(CorpusErrorMiddleware)
+    return app
+
+
+def post_json(app, path, body):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post(path, json=body)
+    return asyncio.run(go())
+
+
+def test_a_one_token_stream_that_lost_its_corpus_is_a_500():
+    seen: list = []
+    body = {"prompt": [1], "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True}}
+    response = post_json(app_recording(FAILED, seen), "/v1/completions", body)
+    assert response.status_code == 500 and "owner 'i1' is down" in response.json()["error"]["message"]
+    assert seen == [{"prompt": [1], "max_tokens": 1}]  # served unstreamed, so that its answer could be checked
+
+
+def test_a_one_token_stream_is_sent_as_a_stream():
+    reply = {"id": "c1", "created": 5, "model": "tiny", "usage": {"completion_tokens": 1},
+             "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": "length", "stop_reason": None}],
+             "kv_transfer_params": {"qroute": {"route": 4}}}  # fmt: skip
+    seen: list = []
+    body = {"prompt": [1], "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True}}
+    response = post_json(app_recording(reply, seen), "/v1/completions", body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    first, usage = (json.loads(e) for e in events[:-1])
+    assert first["object"] == "text_completion" and first["choices"][0]["text"] == "x" and first["id"] == "c1"
+    assert usage["choices"] == [] and usage["usage"] == {"completion_tokens": 1}
+    chat = {"id": "c2", "created": 5, "model": "tiny", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "y", "tool_calls": []}, "logprobs": None,
+         "finish_reason": "length"}]}  # fmt: skip
+    response = post_json(app_recording(chat, seen), "/v1/chat/completions",
+                         {"messages": [], "max_completion_tokens": 1, "stream": True})
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert len(events) == 2 and json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": "y"}
+    assert json.loads(events[0])["object"] == "chat.completion.chunk"
+    # a stream of more than one step is left to vLLM (it fails those in the stream)
+    assert not one_step_stream({"max_tokens": 2, "stream": True}) and not one_step_stream({"max_tokens": 1})
