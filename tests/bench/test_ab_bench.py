@@ -1,0 +1,61 @@
+"""``qroute bench ab``, reduced: every configuration on real ``vllm serve`` instances (one stock instance; vLLM's
+NixlConnector prefill/decode pair behind the proxy; two qroute instances over NIXL in fetch, route and auto), three
+sessions at once through the official client. Asserts that every configuration produced its tokens, that they
+agree across configurations, that each side's byte counter is what the geometry says (the P/D pair: every prompt
+block's latent rows, once per request), and that the report files are written. About 4 minutes."""
+
+from __future__ import annotations
+
+import json
+
+from qroute.bench.ab_workload import DEFAULT_QUESTIONS, Workload, percentiles
+
+
+def test_percentiles_are_nearest_rank():
+    values = [i / 1e3 for i in range(1, 101)]  # 1..100 ms
+    assert percentiles(values) == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
+    assert percentiles([0.004]) == {"p50": 4.0, "p90": 4.0, "p99": 4.0}
+
+
+def test_a_workload_file_in_vllm_bench_serves_shape(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "a?", "output_tokens": 5}\n{"prompt": "b?", "output_tokens": 5}\n')
+    w = Workload.from_jsonl(path)
+    assert (w.questions, w.sessions, w.max_tokens) == (("a?", "b?"), 2, 5)
+
+
+def test_bench_ab_reduced(vllm, tiny_fp32_model, sample_corpus, tmp_path, monkeypatch):
+    from qroute.bench.ab import _write, run_ab
+    from qroute.core.corpus import place_model_corpus
+    from qroute.core.geometry import geometry_from_config, load_config
+    from qroute.ops.demo_core import question_ids
+
+    monkeypatch.setenv("QROUTE_STATE_DIR", str(tmp_path / "state"))
+    workload = Workload(DEFAULT_QUESTIONS[:2], sessions=3, max_tokens=6)
+    report = run_ab(tiny_fp32_model, sample_corpus, workload, base_port=8300, instances=2, transport="nixl",
+                    blocks_per_chunk=2, log=lambda *_: None)  # fmt: skip
+    assert report["ok"], report["problems"]
+    rows = report["configs"]
+    assert set(rows) == {"stock-floor", "stock-nixl-pd", "qroute-fetch", "qroute-route", "qroute-auto"}
+    for name, row in rows.items():
+        assert row["decoded_tokens"] == 3 * 6 and not row["errors"], (name, row["errors"])
+        assert {"ttft_ms_p50", "tpot_ms_p50", "bytes_per_token"} <= set(row)
+    assert report["outputs_agree"]
+
+    geometry = geometry_from_config(load_config(tiny_fp32_model), cache_dtype="float32", dtype="float32")
+    corpus_ids, _ = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=["i0"])
+    prompts = [len(corpus_ids) + len(question_ids(tiny_fp32_model, workload.questions[s % 2])) for s in range(3)]
+    row_bytes = geometry.latent_width * 4 * geometry.num_layers
+    pd = rows["stock-nixl-pd"]["moved"]
+    assert pd["nixl_transfers"] == 3
+    assert pd["bytes"] == sum(-(-n // 16) * 16 * row_bytes for n in prompts)  # every prompt block, once
+    assert rows["stock-floor"]["moved"]["bytes"] == 0
+    fetch, route = rows["qroute-fetch"]["moved"], rows["qroute-route"]["moved"]
+    assert fetch["fetch"] > 0 and fetch["route"] == 0 and route["route"] > 0 and route["fetch"] == 0
+    assert fetch["bytes"] > route["bytes"] > 0  # rows of the other instance's blocks against query rows
+
+    _write(report, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "ab.json").read_text())
+    assert saved["configs"]["qroute-auto"]["tpot_ms_p50"] == rows["qroute-auto"]["tpot_ms_p50"]
+    assert "| stock-nixl-pd |" in (tmp_path / "out" / "ab.md").read_text()
+    assert all((tmp_path / "out" / f).stat().st_size > 1000 for f in ("latency_cdf.png", "bytes_per_token.png"))
