@@ -60,8 +60,8 @@ class Running:
 
 
 def _spawn_stock(name: str, k: int, model_dir: Path, port: int, max_model_len: int, extra: list[str],
-                 env_extra: dict[str, str] | None = None):  # fmt: skip
-    env = {**engine_env(k), **(env_extra or {})}
+                 env_extra: dict[str, str | None] | None = None):  # fmt: skip
+    env = {key: v for key, v in {**engine_env(k), **(env_extra or {})}.items() if v is not None}  # None: unset
     log = state_dir() / "logs" / f"{name}.log"
     cmd = vllm_serve_command(model_dir, port, max_model_len=max_model_len, extra=extra)
     process = spawn(cmd, env, log)
@@ -93,7 +93,10 @@ def start_nixl_pd(model_dir: Path, base_port: int, max_model_len: int) -> Runnin
     proxy on ``base_port + 2``."""
     started = []
     for k, (name, role) in enumerate((("stock-pd-prefill", "kv_producer"), ("stock-pd-decode", "kv_consumer"))):
-        env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(base_port + 50 + k), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
+        # UCX's own choice of transports: vLLM's agents ask for peer failure handling, which the shared-memory-only
+        # UCX_TLS=sm,self that qroute's NIXL agents set in this process (and its children would inherit) cannot give
+        env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(base_port + 50 + k), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+               "UCX_TLS": None}
         started.append(_spawn_stock(name, k, model_dir, base_port + k, max_model_len, _nixl_config(role), env))
     processes, infos = [p for p, _ in started], [i for _, i in started]
     _started(processes, infos)
