@@ -30,7 +30,7 @@ QROUTE_MODES = {"qroute-fetch": "fetch", "qroute-route": "route", "qroute-auto":
 
 def _counters(running: Running) -> dict[str, Any]:
     """The side's own counters now: NIXL's (every instance's) or qroute's."""
-    return {i.url: {**scrape(i.url, prefix="vllm:nixl_"), **scrape(i.url)} for i in running.instances}
+    return {i.url: scrape(i.url, prefix="vllm:") for i in running.instances}  # one scrape: NIXL's and qroute's
 
 
 def _moved(running: Running, before: dict, after: dict) -> dict[str, float]:

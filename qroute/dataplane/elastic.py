@@ -83,10 +83,9 @@ class MembershipFollower:
     # -- the record ---------------------------------------------------------------------------------
 
     def record(self) -> MemberRecord:
-        ready = self.shard.ready
-        stored = [c for c in self.shard.store_chunks()
-                  if all(ready[b] for b in chunk_blocks(self.directory, self.directory.chunk(c)))]  # fmt: skip
-        return MemberRecord(self.instance_id, self.addresses, str(self.state), self.shard.store_chunks(), stored)
+        ready, held = self.shard.ready, self.shard.store_chunks()
+        stored = [c for c in held if all(ready[b] for b in chunk_blocks(self.directory, self.directory.chunk(c)))]
+        return MemberRecord(self.instance_id, self.addresses, str(self.state), held, stored)
 
     def placement(self, members: list[str]) -> CorpusDirectory:
         return self.directory.with_instances(members, min(self.directory.replicas, len(members)))

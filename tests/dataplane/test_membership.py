@@ -185,11 +185,17 @@ def _check_placement(directory, members, true_rows):
                     assert torch.equal(m.shard.layers[layer][row : row + count], rows[start : start + count])
 
 
-def test_a_member_joins_and_another_leaves(etcd):
-    torch.manual_seed(0)
+def _three_members(etcd, name: str, seed: int, replicas: int):
+    """(true rows, cluster name, members a, b, c started together, each holding its chunks' true rows)."""
+    torch.manual_seed(seed)
     true_rows = [torch.randn(TOKENS, FMT.width) for _ in range(2)]
-    cluster = f"join{time.monotonic_ns()}"
-    members = [_Member(n, etcd, cluster, ["a", "b", "c"], true_rows, joining=False, replicas=1) for n in "abc"]
+    cluster = f"{name}{time.monotonic_ns()}"
+    members = [_Member(n, etcd, cluster, ["a", "b", "c"], true_rows, joining=False, replicas=replicas) for n in "abc"]
+    return true_rows, cluster, members
+
+
+def test_a_member_joins_and_another_leaves(etcd):
+    true_rows, cluster, members = _three_members(etcd, "join", 0, replicas=1)
     try:
         _rounds(members, 1)
         first = members[0].routed[-1][0]
@@ -234,10 +240,7 @@ def test_a_member_joins_and_another_leaves(etcd):
 def test_a_dead_members_chunks_are_copied_from_their_other_replica(etcd):
     """Replicas 2: a member stops renewing (its owner service closed, as a killed process's would be); when its
     lease expires the others re-place without it and copy each chunk it held from the chunk's other replica."""
-    torch.manual_seed(1)
-    true_rows = [torch.randn(TOKENS, FMT.width) for _ in range(2)]
-    cluster = f"dead{time.monotonic_ns()}"
-    members = [_Member(n, etcd, cluster, ["a", "b", "c"], true_rows, joining=False, replicas=2) for n in "abc"]
+    true_rows, _, members = _three_members(etcd, "dead", 1, replicas=2)
     try:
         _rounds(members, 2)
         start = _directory(["a", "b", "c"], replicas=2)
