@@ -2,11 +2,15 @@
 
 - ``stock-floor``: one stock instance; each request carries the corpus as its prompt prefix (nothing is reused:
   vLLM's CPU platform turns prefix caching off for MLA).
+- ``stock-prefix-cached``: one stock instance with prefix caching, vLLM's CPU override of it for MLA lifted by the
+  harness-only plugin ``qroute.bench.prefix_cache_lift`` (so not stock: labelled "override lifted"): the corpus is
+  computed once and reused by every question, as a GPU user's one instance would.
 - ``stock-nixl-pd``: vLLM's NixlConnector prefill/decode pair (P ``kv_producer``, D ``kv_consumer``, the KV cache
   registered as DRAM: ``kv_buffer_device: cpu``) behind ``qroute.bench.pd_proxy``: P computes each request's
   prompt (corpus + question), D pulls its KV over NIXL and decodes. D's ``/metrics`` counts the bytes NIXL moved.
 - ``qroute-route`` / ``qroute-fetch`` / ``qroute-auto``: one ``qroute up`` cluster sharding the corpus; the three
-  modes are per request, so one cluster serves all three (``mode`` in ``kv_transfer_params``).
+  modes are per request, so one cluster serves all three (``mode`` in ``kv_transfer_params``). ``qroute-auto-x3``:
+  ``auto`` on a cluster of its own over 3 instances (the prefix-cached comparison's set-up).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qroute.bench.decode import scoped_env
+from qroute.bench.prefix_cache_lift import LIFT_ENV
+from qroute.dataplane.decisionlog import DECISION_LOG_ENV
 from qroute.errors import QRouteError
 from qroute.ops.cluster import (
     ClusterSpec,
@@ -33,7 +40,7 @@ from qroute.ops.cluster import (
 from qroute.ops.processes import spawn, stop_pid
 from qroute.ops.procstats import group_peak_rss_mib
 
-__all__ = ["Running", "start_floor", "start_nixl_pd", "start_qroute"]
+__all__ = ["Running", "start_floor", "start_nixl_pd", "start_prefix_cached", "start_qroute"]
 
 START_TIMEOUT_S = 420.0
 
@@ -83,6 +90,14 @@ def start_floor(model_dir: Path, base_port: int, max_model_len: int) -> Running:
     return Running("stock-floor", [info.url], [info])
 
 
+def start_prefix_cached(model_dir: Path, base_port: int, max_model_len: int) -> Running:
+    env = {LIFT_ENV: "1"}
+    process, info = _spawn_stock("stock-prefix-cached", 0, model_dir, base_port, max_model_len,
+                                 ["--enable-prefix-caching"], env)  # fmt: skip
+    _started([process], [info])
+    return Running("stock-prefix-cached", [info.url], [info])
+
+
 def _nixl_config(role: str) -> list[str]:
     config = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
     return ["--kv-transfer-config", json.dumps(config)]
@@ -116,8 +131,11 @@ def start_nixl_pd(model_dir: Path, base_port: int, max_model_len: int) -> Runnin
 
 
 def start_qroute(model_dir: Path, corpus: Path, base_port: int, instances: int, transport: str,
-                 blocks_per_chunk: int) -> Running:  # fmt: skip
-    state = start_cluster(ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=instances,
-                                      base_port=base_port, transport=transport, blocks_per_chunk=blocks_per_chunk),
-                          log=lambda *_: None)  # fmt: skip
+                 blocks_per_chunk: int, decision_log: Path) -> Running:  # fmt: skip
+    """The cluster's instances write every remote part's decision, predicted and measured time to ``decision_log``
+    (``qroute.dataplane.decisionlog``): the predicted-against-measured report."""
+    spec = ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=instances, base_port=base_port,
+                       transport=transport, blocks_per_chunk=blocks_per_chunk)  # fmt: skip
+    with scoped_env(DECISION_LOG_ENV, str(decision_log)):
+        state = start_cluster(spec, log=lambda *_: None)
     return Running("qroute", [i.url for i in state.instances], list(state.instances), qroute_state=state)

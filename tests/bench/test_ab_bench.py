@@ -1,8 +1,10 @@
-"""``qroute bench ab``, reduced: every configuration on real ``vllm serve`` instances (one stock instance; vLLM's
-NixlConnector prefill/decode pair behind the proxy; two qroute instances over NIXL in fetch, route and auto), three
-sessions at once through the official client. Asserts that every configuration produced its tokens, that they
-agree across configurations, that each side's byte counter is what the geometry says (the P/D pair: every prompt
-block's latent rows, once per request), and that the report files are written. About 4 minutes."""
+"""``qroute bench ab``, reduced: every configuration on real ``vllm serve`` instances (one stock instance; one with
+prefix caching, the CPU override lifted; vLLM's NixlConnector prefill/decode pair behind the proxy; two qroute
+instances over NIXL in fetch, route and auto; three in auto), three sessions at once through the official client,
+and one session alone. Asserts that every configuration produced its tokens, that they agree across configurations
+and concurrency levels, that each side's counters are what the geometry says (the P/D pair: every prompt block's
+latent rows, once per request; the prefix-cached instance: every request's corpus blocks from its cache), that
+the qroute runs priced and timed their remote parts, and that the report files are written. About 5 minutes."""
 
 from __future__ import annotations
 
@@ -25,22 +27,26 @@ def test_a_workload_file_in_vllm_bench_serves_shape(tmp_path):
 
 
 def test_bench_ab_reduced(vllm, tiny_fp32_model, sample_corpus, tmp_path, monkeypatch):
-    from qroute.bench.ab import _write, run_ab
+    from qroute.bench.ab import run_ab
+    from qroute.bench.ab_report import write_report
     from qroute.core.corpus import place_model_corpus
     from qroute.core.geometry import geometry_from_config, load_config
     from qroute.ops.demo_core import question_ids
 
     monkeypatch.setenv("QROUTE_STATE_DIR", str(tmp_path / "state"))
     workload = Workload(DEFAULT_QUESTIONS[:2], sessions=3, max_tokens=6)
-    report = run_ab(tiny_fp32_model, sample_corpus, workload, base_port=8300, instances=2, transport="nixl",
-                    blocks_per_chunk=2, log=lambda *_: None)  # fmt: skip
+    report = run_ab(tiny_fp32_model, sample_corpus, workload, base_port=8300, instances=2, wide_instances=3,
+                    concurrency=(1,), transport="nixl", blocks_per_chunk=2, log=lambda *_: None)  # fmt: skip
     assert report["ok"], report["problems"]
     rows = report["configs"]
-    assert set(rows) == {"stock-floor", "stock-nixl-pd", "qroute-fetch", "qroute-route", "qroute-auto"}
+    assert set(rows) == {"stock-floor", "stock-prefix-cached", "stock-nixl-pd", "qroute-fetch", "qroute-route",
+                         "qroute-auto", "qroute-auto-x3"}  # fmt: skip
     for name, row in rows.items():
         assert row["decoded_tokens"] == 3 * 6 and not row["errors"], (name, row["errors"])
         assert {"ttft_ms_p50", "tpot_ms_p50", "bytes_per_token"} <= set(row)
+        assert set(row["by_concurrency"]) == {"1", "3"} and row["by_concurrency"]["1"]["errors"] == 0
     assert report["outputs_agree"]
+    assert [rows[n]["instances"] for n in ("stock-prefix-cached", "qroute-auto", "qroute-auto-x3")] == [1, 2, 3]
 
     geometry = geometry_from_config(load_config(tiny_fp32_model), cache_dtype="float32", dtype="float32")
     corpus_ids, _ = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=["i0"])
@@ -50,12 +56,23 @@ def test_bench_ab_reduced(vllm, tiny_fp32_model, sample_corpus, tmp_path, monkey
     assert pd["nixl_transfers"] == 3
     assert pd["bytes"] == sum(-(-n // 16) * 16 * row_bytes for n in prompts)  # every prompt block, once
     assert rows["stock-floor"]["moved"]["bytes"] == 0
+    assert rows["stock-floor"]["moved"]["prefix_hit_tokens"] == 0  # the override holds for stock
+    # the lifted instance: each request's corpus blocks (full ones) from its cache, never its last prompt token
+    hits = rows["stock-prefix-cached"]["moved"]["prefix_hit_tokens"]
+    assert 3 * (len(corpus_ids) // 16) * 16 <= hits <= sum((n - 1) // 16 * 16 for n in prompts)
     fetch, route = rows["qroute-fetch"]["moved"], rows["qroute-route"]["moved"]
     assert fetch["fetch"] > 0 and fetch["route"] == 0 and route["route"] > 0 and route["fetch"] == 0
     assert fetch["bytes"] > route["bytes"] > 0  # rows of the other instance's blocks against query rows
+    # every remote part of the forced modes was priced by the cost model and timed
+    assert rows["qroute-route"]["predicted"]["route"]["parts"] > 0 and "fetch" not in rows["qroute-route"]["predicted"]
+    assert rows["qroute-fetch"]["predicted"]["fetch"]["parts"] > 0
+    wide = rows["qroute-auto-x3"]["moved"]
+    assert wide["predictions"] == wide["route"] + wide["fetch"] > 0  # auto decided every remote part
 
-    _write(report, tmp_path / "out")
+    write_report(report, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "ab.json").read_text())
     assert saved["configs"]["qroute-auto"]["tpot_ms_p50"] == rows["qroute-auto"]["tpot_ms_p50"]
     assert "| stock-nixl-pd |" in (tmp_path / "out" / "ab.md").read_text()
-    assert all((tmp_path / "out" / f).stat().st_size > 1000 for f in ("latency_cdf.png", "bytes_per_token.png"))
+    assert "| qroute-auto-x3/stock-prefix-cached |" in (tmp_path / "out" / "ab.md").read_text()
+    plots = ("latency_cdf.png", "bytes_per_token.png", "concurrency.png", "predicted.png")
+    assert all((tmp_path / "out" / f).stat().st_size > 1000 for f in plots)
