@@ -225,7 +225,7 @@ class QRouteWorkerSide:
         remote = [p.owners for p in plan.parts if p.decision is not Decision.LOCAL]
         for owner in {o for owners in remote for o in owners}:
             peer = self.router.peers.get(owner)
-            if peer is not None and not peer.alive:  # failed recently: get a fresh connection
+            if peer is not None and peer.link_broken:  # a fresh connection (a busy owner's link stays for reads)
                 self.links.reconnect(owner)
         self.links.wait_for(remote, PEER_WAIT_FACTOR * self.config.timeout_s)  # the router falls back/fails
         visible = sum(len(p.block_ids) for p in plan.parts)

@@ -70,6 +70,12 @@ class Peer:
     def alive(self) -> bool:
         return self.can_call and self.can_read
 
+    @property
+    def link_broken(self) -> bool:
+        """Its reads failed too (or the link is gone: ``failed`` marks both then): a new connection is needed. Calls
+        alone that timed out on a one-sided link are a busy owner: the link stays, for fetches and late replies."""
+        return not self.can_read
+
     def failed(self, exc: Exception, *, reading: bool) -> None:
         """Back off from this peer after a transport failure of a call or a read."""
         now = time.monotonic()
