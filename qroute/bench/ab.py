@@ -17,13 +17,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qroute.bench.ab_configs import Running, start_floor, start_nixl_pd, start_prefix_cached, start_qroute
+from qroute.bench.ab_configs import (
+    Running,
+    moved_between,
+    start_floor,
+    start_nixl_pd,
+    start_prefix_cached,
+    start_qroute,
+)
 from qroute.bench.ab_predicted import DecisionTail, predicted_vs_measured
 from qroute.bench.ab_report import markdown, write_report
 from qroute.bench.ab_workload import SessionResult, Workload, drive, latency_summary
 from qroute.errors import QRouteError
 from qroute.ops.check import flush_owner_stats
-from qroute.ops.scrape import delta, scrape, total
 
 __all__ = ["CONFIGS", "run_ab"]
 
@@ -35,26 +41,6 @@ WIDE = "qroute-auto-x3"  # auto over `wide_instances`, against the prefix-cached
 CPU_MLA_BLOCK_SIZE = 16  # what vLLM's CPU platform forces for the CPU MLA backend (platforms/cpu.py)
 
 
-def _counters(running: Running) -> dict[str, Any]:
-    """The side's own counters now: NIXL's (every instance's) or qroute's."""
-    return {i.url: scrape(i.url, prefix="vllm:") for i in running.instances}  # one scrape: NIXL's and qroute's
-
-
-def _moved(running: Running, before: dict, after: dict) -> dict[str, float]:
-    out = dict.fromkeys(("bytes", "nixl_transfers", "prefix_hit_tokens", "route", "fetch", "local", "predictions",
-                         "mispredictions"), 0.0)  # fmt: skip
-    for url in after:
-        d = delta(after[url], before[url])
-        out["bytes"] += total(d, "vllm:nixl_bytes_transferred_sum") + total(d, "vllm:qroute_bytes_moved_total")
-        out["nixl_transfers"] += total(d, "vllm:nixl_bytes_transferred_count")
-        out["prefix_hit_tokens"] += total(d, "vllm:prefix_cache_hits_total")
-        for kind in ("route", "fetch", "local"):
-            out[kind] += total(d, "vllm:qroute_corpus_parts_total", decision=kind)
-        for kind in ("predictions", "mispredictions"):
-            out[kind] += total(d, f"vllm:qroute_{kind}_total")
-    return out
-
-
 def _measure(running: Running, workload: Workload, request_for, levels: tuple[int, ...],
              decisions: DecisionTail | None) -> tuple[dict, list[SessionResult], list[SessionResult]]:  # fmt: skip
     """The workload (counted), then each other concurrency level's sessions (latency only); the row, the
@@ -64,12 +50,12 @@ def _measure(running: Running, workload: Workload, request_for, levels: tuple[in
     # warm-up, not counted: one request per endpoint (an instance's first request also connects it to its peers)
     drive(running.endpoints, Workload(workload.questions[:1], len(running.endpoints), 2), request_for)
     flush_owner_stats(urls)
-    before = _counters(running)
+    before = running.counters()
     if decisions is not None:
         decisions.take()  # the warm-up's parts
     results = drive(running.endpoints, workload, request_for)
     flush_owner_stats(urls)
-    moved = _moved(running, before, _counters(running))
+    moved = moved_between(before, running.counters())
     summary = latency_summary(results)
     decoded = summary["decoded_tokens"] or 1
     row = {
@@ -239,8 +225,19 @@ def _run(args: argparse.Namespace) -> int:
     report = run_ab(model_dir_or_tiny(args.model_dir), corpus, workload, base_port=args.base_port,
                     instances=args.instances, wide_instances=args.wide_instances, transport=args.transport,
                     concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
-                    configs=tuple(args.configs.split(",")) if args.configs else CONFIGS,
+                    configs=CONFIGS if args.configs is None else tuple(c for c in args.configs.split(",") if c),
                     log=(lambda *_: None) if args.json else print)  # fmt: skip
+    if args.capacity:
+        from qroute.bench.ab_capacity import run_capacity
+
+        capacity = run_capacity(model_dir_or_tiny(args.model_dir), corpus, workload.questions,
+                                instances=args.wide_instances, extra_blocks=args.capacity_extra_blocks,
+                                sessions=args.capacity_sessions, max_tokens=args.capacity_max_tokens,
+                                base_port=args.base_port, transport=args.transport,
+                                log=(lambda *_: None) if args.json else print)  # fmt: skip
+        report["capacity"] = capacity
+        report["problems"] += [f"capacity: {p}" for p in capacity["problems"]]
+        report["ok"] = report["ok"] and capacity["ok"]
     if args.out:
         write_report(report, Path(args.out))
         write_bench_serve_datasets(model_dir_or_tiny(args.model_dir), corpus, workload, Path(args.out))
@@ -274,8 +271,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--concurrency", default="1,4", help="other session counts each configuration also "
                                                              "runs (TTFT / TPOT against concurrency); '' for none")
     parser.add_argument("--configs", help=f"comma-separated subset of {','.join(CONFIGS)} (the first is the "
-                                          "reference the others' tokens are checked against)")  # fmt: skip
+                                          "reference the others' tokens are checked against; '' for none)")  # fmt: skip
     parser.add_argument("--transport", choices=["tcp", "nixl", "nixl+tcp"], default="nixl")
+    parser.add_argument("--capacity", action="store_true", help="also measure concurrent sessions at the same "
+                                                                "total KV budget (qroute.bench.ab_capacity)")
+    parser.add_argument("--capacity-extra-blocks", type=int, default=32, help="KV budget per instance: the corpus's "
+                                                                              "blocks plus these")  # fmt: skip
+    parser.add_argument("--capacity-sessions", type=int, default=96, help="sessions offered at once")
+    parser.add_argument("--capacity-max-tokens", type=int, default=96)
     parser.add_argument("--model-dir")
     parser.add_argument("--base-port", type=int, default=8600)
     parser.add_argument("--out", help="directory for ab.json, ab.md and the plots")

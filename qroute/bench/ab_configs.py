@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qroute.bench.decode import scoped_env
 from qroute.bench.prefix_cache_lift import LIFT_ENV
@@ -39,8 +41,9 @@ from qroute.ops.cluster import (
 )
 from qroute.ops.processes import spawn, stop_pid
 from qroute.ops.procstats import group_peak_rss_mib
+from qroute.ops.scrape import delta, scrape, total
 
-__all__ = ["Running", "start_floor", "start_nixl_pd", "start_prefix_cached", "start_qroute"]
+__all__ = ["Running", "moved_between", "start_floor", "start_nixl_pd", "start_prefix_cached", "start_qroute"]
 
 START_TIMEOUT_S = 420.0
 
@@ -53,6 +56,10 @@ class Running:
     extra_pids: list[int] = field(default_factory=list)  # e.g. the proxy
     qroute_state: object | None = None
 
+    def counters(self) -> dict[str, Any]:
+        """The side's own counters now, per instance: NIXL's and qroute's (``moved_between``)."""
+        return {i.url: scrape(i.url, prefix="vllm:") for i in self.instances}
+
     def peak_rss_mib(self) -> list[float]:
         return [round(group_peak_rss_mib(i.pid), 1) for i in self.instances]
 
@@ -64,6 +71,24 @@ class Running:
         else:
             for info in self.instances:
                 stop_pid(info.pid)
+
+
+def moved_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """What every instance's counters gained between two ``Running.counters``: bytes moved (D's NIXL bytes, qroute's
+    bytes), NIXL transfers, prefix-cache hit tokens, qroute's parts by kind, its predictions, mispredictions,
+    fallbacks and deadline misses."""
+    out = dict.fromkeys(("bytes", "nixl_transfers", "prefix_hit_tokens", "route", "fetch", "local", "predictions",
+                         "mispredictions", "fallbacks", "deadline_misses"), 0.0)  # fmt: skip
+    for url in after:
+        d = delta(after[url], before[url])
+        out["bytes"] += total(d, "vllm:nixl_bytes_transferred_sum") + total(d, "vllm:qroute_bytes_moved_total")
+        out["nixl_transfers"] += total(d, "vllm:nixl_bytes_transferred_count")
+        out["prefix_hit_tokens"] += total(d, "vllm:prefix_cache_hits_total")
+        for kind in ("route", "fetch", "local"):
+            out[kind] += total(d, "vllm:qroute_corpus_parts_total", decision=kind)
+        for kind in ("predictions", "mispredictions", "fallbacks", "deadline_misses"):
+            out[kind] += total(d, f"vllm:qroute_{kind}_total")
+    return out
 
 
 def _spawn_stock(name: str, k: int, model_dir: Path, port: int, max_model_len: int, extra: list[str],
@@ -90,12 +115,14 @@ def start_floor(model_dir: Path, base_port: int, max_model_len: int) -> Running:
     return Running("stock-floor", [info.url], [info])
 
 
-def start_prefix_cached(model_dir: Path, base_port: int, max_model_len: int) -> Running:
-    env = {LIFT_ENV: "1"}
-    process, info = _spawn_stock("stock-prefix-cached", 0, model_dir, base_port, max_model_len,
-                                 ["--enable-prefix-caching"], env)  # fmt: skip
-    _started([process], [info])
-    return Running("stock-prefix-cached", [info.url], [info])
+def start_prefix_cached(model_dir: Path, base_port: int, max_model_len: int, *, replicas: int = 1,
+                        engine_args: tuple[str, ...] = ()) -> Running:  # fmt: skip
+    """``replicas`` independent instances (each the whole corpus in its own prefix cache) on ``base_port`` on."""
+    started = [_spawn_stock(f"stock-prefix-cached-{k}", k, model_dir, base_port + k, max_model_len,
+                            ["--enable-prefix-caching", *engine_args], {LIFT_ENV: "1"}) for k in range(replicas)]
+    infos = [i for _, i in started]
+    _started([p for p, _ in started], infos)
+    return Running("stock-prefix-cached", [i.url for i in infos], infos)
 
 
 def _nixl_config(role: str) -> list[str]:
@@ -131,11 +158,12 @@ def start_nixl_pd(model_dir: Path, base_port: int, max_model_len: int) -> Runnin
 
 
 def start_qroute(model_dir: Path, corpus: Path, base_port: int, instances: int, transport: str,
-                 blocks_per_chunk: int, decision_log: Path) -> Running:  # fmt: skip
+                 blocks_per_chunk: int, decision_log: Path | None = None, **spec_args) -> Running:  # fmt: skip
     """The cluster's instances write every remote part's decision, predicted and measured time to ``decision_log``
-    (``qroute.dataplane.decisionlog``): the predicted-against-measured report."""
+    (``qroute.dataplane.decisionlog``), if given: the predicted-against-measured report. ``spec_args``: more of
+    ``ClusterSpec`` (e.g. ``kv_blocks``)."""
     spec = ClusterSpec(model_dir=model_dir, corpus_dir=corpus, num_instances=instances, base_port=base_port,
-                       transport=transport, blocks_per_chunk=blocks_per_chunk)  # fmt: skip
-    with scoped_env(DECISION_LOG_ENV, str(decision_log)):
+                       transport=transport, blocks_per_chunk=blocks_per_chunk, **spec_args)  # fmt: skip
+    with scoped_env(DECISION_LOG_ENV, str(decision_log)) if decision_log else contextlib.nullcontext():
         state = start_cluster(spec, log=lambda *_: None)
     return Running("qroute", [i.url for i in state.instances], list(state.instances), qroute_state=state)

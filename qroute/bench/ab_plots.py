@@ -27,6 +27,8 @@ def plot_report(report: dict, out: Path) -> list[Path]:
     their data) in ``out``; the paths written."""
     plt = _pyplot()
     rows = report["configs"]
+    if not rows:
+        return []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "sessions_ttft_ms", "TTFT (ms)"), (axes[1], "sessions_tpot_ms", "TPOT (ms)")):
         for name, row in rows.items():

@@ -69,9 +69,29 @@ def _ratios_table(report: dict) -> list[str]:
     return lines
 
 
+def _capacity_table(report: dict) -> list[str]:
+    c = report.get("capacity")
+    if not c:
+        return []
+    lines = ["", f"Concurrent sessions at the same KV budget: {c['budget_blocks_per_instance']} blocks per instance "
+             f"(corpus {c['corpus_blocks']}; qroute's stores {sorted(c['store_blocks'].values())}), offers of up to "
+             f"{c['sessions_offered']} sessions at once, {c['max_tokens']} tokens each:", "",
+             "| set-up | instances | KV blocks each | sessions at once without preemption | offers: sessions -> most "
+             "running at once / decoding at once (preemptions) |", "|" + " --- |" * 5]  # fmt: skip
+    for name, s in c["setups"].items():
+        offers = ", ".join(f"{n} -> {r['running_at_once']} / {r['decoding_at_once']} ({r['preemptions']})"
+                           for n, r in s["levels"].items())  # fmt: skip
+        best = f"{s['sessions_without_preemption']}" + ("" if s["saturated"] else " (not saturated: at least)")
+        lines.append(f"| {name} | {s['instances']} | {', '.join(map(str, s['kv_blocks_each']))} | {best} | "
+                     f"{offers} |")  # fmt: skip
+    lines += ["", f"qroute / stock replicas: {c['qroute_over_replicas']}x (target at least {c['target_at_least']}x); "
+                  f"qroute / one stock instance with the whole budget: {c['qroute_over_one']}x"]  # fmt: skip
+    return lines
+
+
 def markdown(report: dict) -> str:
     return "\n".join(_configs_table(report) + _concurrency_table(report) + _predicted_table(report)
-                     + _ratios_table(report)) + "\n"  # fmt: skip
+                     + _ratios_table(report) + _capacity_table(report)) + "\n"  # fmt: skip
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -210,6 +210,7 @@ class ClusterSpec:
     max_model_len: int = 2048
     kv_blocks: int | None = None  # paged KV budget per instance in 16-token blocks (default: vLLM's choice)
     max_num_batched_tokens: int | None = None  # tokens per engine step (default: vLLM's choice)
+    max_num_seqs: int | None = None  # requests an instance runs at once (default: vllm_serve_command's 8)
     selector: str = "dense"  # the instances' default block selection (and whether they keep block summaries)
     topk: int = 0
     netns: bool = False  # each instance in a network namespace of its own, as separate hosts (``qroute.ops.netns``)
@@ -302,10 +303,9 @@ def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.P
                  "--middleware", "qroute.plugin.vllm_http.CorpusErrorMiddleware"]  # fmt: skip
         env[SECRET_ENV] = secret
     log_path = state_dir() / "logs" / f"{name}.log"
-    if spec.kv_blocks:
-        extra += ["--num-gpu-blocks-override", str(spec.kv_blocks)]
-    if spec.max_num_batched_tokens:
-        extra += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
+    for flag, value in (("--num-gpu-blocks-override", spec.kv_blocks), ("--max-num-seqs", spec.max_num_seqs),
+                        ("--max-num-batched-tokens", spec.max_num_batched_tokens)):  # fmt: skip
+        extra += [flag, str(value)] if value else []  # after the defaults of vllm_serve_command: the last one holds
     host = spec.host(k)
     cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra,
                              host=host)  # fmt: skip

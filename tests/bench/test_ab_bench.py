@@ -76,3 +76,45 @@ def test_bench_ab_reduced(vllm, tiny_fp32_model, sample_corpus, tmp_path, monkey
     assert "| qroute-auto-x3/stock-prefix-cached |" in (tmp_path / "out" / "ab.md").read_text()
     plots = ("latency_cdf.png", "bytes_per_token.png", "concurrency.png", "predicted.png")
     assert all((tmp_path / "out" / f).stat().st_size > 1000 for f in plots)
+
+
+def test_sessions_decoding_at_once_count_overlapping_spans():
+    from qroute.bench.ab_capacity import most_decoding_at_once, offer_levels
+    from qroute.bench.ab_workload import SessionResult
+
+    def span(first: float, end: float, error: str | None = None) -> SessionResult:
+        return SessionResult(0, 0, "", tokens=[1, 2], first_token_s=first, ended_s=end, error=error)
+
+    # 0-2 and 1-3 overlap; 3-4 starts as 1-3 ends (not together); a failed session does not count
+    assert most_decoding_at_once([span(0, 2), span(1, 3), span(3, 4), span(1.5, 1.8, "failed")]) == 2
+    assert most_decoding_at_once([span(0, 5), span(1, 2), span(1.5, 4)]) == 3
+    assert offer_levels(96) == [4, 6, 9, 14, 21, 32, 48, 72, 96] and offer_levels(3) == [3]
+
+
+def test_capacity_reduced(vllm, tiny_fp32_model, sample_corpus, tmp_path, monkeypatch):
+    """``--capacity`` on real instances, reduced: two stock replicas with prefix caching, one stock instance with
+    both budgets, two qroute instances whose store and KV cache together fit the same per-instance budget; every
+    offer's sessions answer, the same for their question everywhere, and each instance had the budget it was set."""
+    from qroute.bench.ab_capacity import BLOCK, run_capacity
+    from qroute.core.corpus import place_model_corpus
+
+    monkeypatch.setenv("QROUTE_STATE_DIR", str(tmp_path / "state"))
+    report = run_capacity(tiny_fp32_model, sample_corpus, DEFAULT_QUESTIONS[:2], instances=2, extra_blocks=8,
+                          sessions=6, max_tokens=16, base_port=8360, blocks_per_chunk=2, log=lambda *_: None)
+    assert report["ok"], report["problems"]
+    _, directory = place_model_corpus(tiny_fp32_model, sample_corpus, name="corpus", instances=["i0"])
+    budget = directory.num_blocks + 8
+    assert report["budget_blocks_per_instance"] == budget and set(report["store_blocks"]) == {"i0", "i1"}
+    setups = report["setups"]
+    assert setups["stock-prefix-cached-replicas"]["kv_blocks_each"] == [budget, budget]
+    assert setups["stock-prefix-cached-one"]["kv_blocks_each"] == [2 * budget]
+    stores = report["store_blocks"].values()
+    assert setups["qroute-auto-x2"]["kv_blocks_each"] == [budget - max(stores)] * 2
+    assert sum(stores) * BLOCK >= directory.num_tokens  # every corpus row is in some store
+    for name, s in setups.items():
+        assert s["levels"] and "4" in s["levels"], name  # offers began at 4 sessions
+        for level, offer in s["levels"].items():
+            assert not offer["errors"] and 0 < offer["running_at_once"] <= int(level), (name, level, offer)
+            assert 0 < offer["decoding_at_once"] <= int(level), (name, level, offer)
+    remote = setups["qroute-auto-x2"]["levels"]["4"]["moved"]
+    assert remote["route"] + remote["fetch"] > 0 and remote["local"] > 0  # sharded: both kinds of part ran
