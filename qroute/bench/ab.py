@@ -3,10 +3,13 @@ after the other on the same model, corpus and workload (``qroute.bench.ab_config
 
 Per configuration: TTFT, TPOT and ITL percentiles, output throughput, peak RSS per instance, bytes moved per
 decoded token from that side's own counters (D's ``vllm:nixl_bytes_transferred`` for the NIXL pair, the instances'
-``vllm:qroute_bytes_moved_total`` for qroute) and qroute's parts by kind. The report is written only if every
-configuration was really active (the pair moved blocks over NIXL, one transfer per request; each qroute mode ran
-parts of its kind) and every session's greedy tokens agree across configurations; otherwise it says why, and no
-comparison is printed. JSON, a Markdown table and PNG plots go to ``--out``.
+``vllm:qroute_bytes_moved_total`` for qroute), qroute's parts by kind, TTFT / TPOT at other concurrency levels and
+qroute's predicted against measured parts (``qroute.bench.ab_predicted``). The report is written only if every
+configuration was really active (the pair moved blocks over NIXL, one transfer per request; the prefix-cached
+instance took every request's corpus blocks from its cache; each qroute mode ran parts of its kind) and every
+session's greedy tokens agree across configurations and levels; otherwise it says why, and no comparison is
+printed. JSON, Markdown tables and PNG plots go to ``--out`` (``qroute.bench.ab_report``); ``--capacity`` adds
+sessions at the same KV budget (``qroute.bench.ab_capacity``).
 """
 
 from __future__ import annotations

@@ -13,11 +13,10 @@ Every set-up gets the same KV budget per instance, ``b`` blocks of 16 tokens: th
 Each is offered 4, 6, 9, ... sessions at once (x1.5 up to ``sessions``; ``max_tokens`` each, the instances'
 request cap above that) until an offer makes vLLM preempt: a set-up's figure is the most requests its engines ran at
 once (``vllm:num_requests_running`` summed over its instances, sampled every 20 ms) in an offer without a
-preemption, a
-lower bound where no offer preempted ("not saturated"). vLLM admits a request on its prompt's blocks and preempts
-when decodes outgrow the cache, so a peak reached with preemptions is not a concurrency the set-up sustains. The KV
-budget each instance really had is read back from its ``vllm:cache_config_info``; every session's tokens must be
-the same for its question across set-ups and offers.
+preemption, a lower bound where no offer preempted ("not saturated"). vLLM admits a request on its prompt's blocks
+and preempts when decodes outgrow the cache, so a peak reached with preemptions is not a concurrency the set-up
+sustains. The KV budget each instance really had is read back from its ``vllm:cache_config_info``; every session's
+tokens must be the same for its question across set-ups and offers.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from qroute.bench.ab_configs import Running, moved_between, start_prefix_cached,
 from qroute.bench.ab_workload import SessionResult, Workload, drive, latency_summary
 from qroute.ops.scrape import delta, scrape, total
 
-__all__ = ["run_capacity"]
+__all__ = ["most_decoding_at_once", "offer_levels", "run_capacity"]
 
 BLOCK = 16  # vLLM's CPU MLA block size (forced by its platform), and qroute's corpus block size
 
