@@ -30,7 +30,7 @@ from qroute.bench.ab_configs import (
 )
 from qroute.bench.ab_predicted import DecisionTail, predicted_vs_measured
 from qroute.bench.ab_report import markdown, write_report
-from qroute.bench.ab_workload import SessionResult, Workload, drive, latency_summary
+from qroute.bench.ab_workload import SessionResult, Workload, drive, latency_summary, warm_up
 from qroute.errors import QRouteError
 from qroute.ops.check import flush_owner_stats
 
@@ -50,8 +50,7 @@ def _measure(running: Running, workload: Workload, request_for, levels: tuple[in
     workload's sessions and the other levels' sessions."""
     # one step on every instance before each scrape: counters move at an instance's own steps
     urls = {i.instance_id: i.url for i in running.instances}
-    # warm-up, not counted: one request per endpoint (an instance's first request also connects it to its peers)
-    drive(running.endpoints, Workload(workload.questions[:1], len(running.endpoints), 2), request_for)
+    warm_up(running.endpoints, workload.questions, request_for)
     flush_owner_stats(urls)
     before = running.counters()
     if decisions is not None:

@@ -75,15 +75,16 @@ class Running:
 
 def moved_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """What every instance's counters gained between two ``Running.counters``: bytes moved (D's NIXL bytes, qroute's
-    bytes), NIXL transfers, prefix-cache hit tokens, qroute's parts by kind, its predictions, mispredictions,
-    fallbacks and deadline misses."""
-    out = dict.fromkeys(("bytes", "nixl_transfers", "prefix_hit_tokens", "route", "fetch", "local", "predictions",
-                         "mispredictions", "fallbacks", "deadline_misses"), 0.0)  # fmt: skip
+    bytes), NIXL transfers, prefix-cache hit tokens, vLLM's preemptions, qroute's parts by kind, its predictions,
+    mispredictions, fallbacks and deadline misses."""
+    out = dict.fromkeys(("bytes", "nixl_transfers", "prefix_hit_tokens", "preemptions", "route", "fetch", "local",
+                         "predictions", "mispredictions", "fallbacks", "deadline_misses"), 0.0)  # fmt: skip
     for url in after:
         d = delta(after[url], before[url])
         out["bytes"] += total(d, "vllm:nixl_bytes_transferred_sum") + total(d, "vllm:qroute_bytes_moved_total")
         out["nixl_transfers"] += total(d, "vllm:nixl_bytes_transferred_count")
         out["prefix_hit_tokens"] += total(d, "vllm:prefix_cache_hits_total")
+        out["preemptions"] += total(d, "vllm:num_preemptions_total")
         for kind in ("route", "fetch", "local"):
             out[kind] += total(d, "vllm:qroute_corpus_parts_total", decision=kind)
         for kind in ("predictions", "mispredictions", "fallbacks", "deadline_misses"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qroute.errors import ConfigError
 
-__all__ = ["SessionResult", "Workload", "drive", "latency_summary", "percentiles"]
+__all__ = ["SessionResult", "Workload", "drive", "latency_summary", "percentiles", "warm_up"]
 
 DEFAULT_QUESTIONS = (
     "Which function opens a connection, and what does it return?",
@@ -125,6 +125,12 @@ def drive(endpoints: Sequence[str], workload: Workload,
     for thread in threads:
         thread.join()
     return results
+
+
+def warm_up(endpoints: Sequence[str], questions: Sequence[str], request_for: Callable[[int], tuple[list[int], dict]]
+            ) -> None:  # fmt: skip
+    """One short request per endpoint, not counted: an instance's first request also connects it to its peers."""
+    drive(endpoints, Workload(tuple(questions[:1]), len(endpoints), 2), request_for)
 
 
 def percentiles(values: Sequence[float], scale: float = 1e3) -> dict[str, float]:

@@ -1,14 +1,29 @@
-"""Helpers of the fault tests (restart, stop, partition): three prompts asked at once, the requester / owner pair
-whose blocks the owner is asked for first, and waiting until an owner is routed to again."""
+"""Helpers of the fault tests (restart, stop, partition, busy owner): a cluster started and stopped around a module's
+tests, three prompts asked at once, the requester / owner pair whose blocks the owner is asked for first, and waiting
+until an owner is routed to again."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 11, 23], [8, 1, 64, 2, 19, 77], [30, 31, 32, 33, 34, 35, 36]]
+
+
+@contextlib.contextmanager
+def running_cluster(spec, secret: str | None = None):
+    """``start_cluster(spec)``'s state for the block, every instance stopped after it (take the ``state_dir``
+    fixture first: the cluster records itself there)."""
+    from qroute.ops.cluster import start_cluster, stop_cluster
+
+    state = start_cluster(spec, secret=secret)
+    try:
+        yield state
+    finally:
+        stop_cluster(state)
 
 
 def answers(url: str, mode: str, max_tokens: int = 8) -> list[list[int]]:

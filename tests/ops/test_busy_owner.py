@@ -16,22 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.faults import answers, asker_and_first_owner, wait_routed_again
+from tests.ops.faults import answers, asker_and_first_owner, running_cluster, wait_routed_again
 
 
 @pytest.fixture(scope="module")
-def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
-    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+def cluster(vllm, tiny_fp32_model, sample_corpus, state_dir):
+    from qroute.ops.cluster import ClusterSpec
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-        spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=2, replicas=1,
-                           blocks_per_chunk=2, base_port=8840, transport="nixl")  # fmt: skip
-        state = start_cluster(spec)
-        try:
-            yield spec, state
-        finally:
-            stop_cluster(state)
+    spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=2, replicas=1,
+                       blocks_per_chunk=2, base_port=8840, transport="nixl")  # fmt: skip
+    with running_cluster(spec) as state:
+        yield spec, state
 
 
 def test_a_stopped_owners_blocks_are_fetched_over_the_link_kept_and_it_is_routed_to_again(cluster):

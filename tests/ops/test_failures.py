@@ -15,24 +15,21 @@ import signal
 
 import pytest
 
+from tests.ops.faults import running_cluster
+
 PROMPT = [5, 17, 42, 99, 7, 3, 11, 23]
 ROUTED = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0,
           "kv_transfer_params": {"qroute": {"mode": "route"}}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
-    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+def cluster(vllm, tiny_fp32_model, sample_corpus, state_dir):
+    from qroute.ops.cluster import ClusterSpec
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-        spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=2,
-                           blocks_per_chunk=4, base_port=8700)  # fmt: skip
-        state = start_cluster(spec)
-        try:
-            yield state
-        finally:
-            stop_cluster(state)
+    spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=2, blocks_per_chunk=4,
+                       base_port=8700)  # fmt: skip
+    with running_cluster(spec) as state:
+        yield state
 
 
 def test_a_one_token_stream_is_answered_as_a_stream(cluster):

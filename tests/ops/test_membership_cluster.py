@@ -15,24 +15,19 @@ import threading
 
 import pytest
 
-from tests.ops.faults import answers
+from tests.ops.faults import answers, running_cluster
 
 SECRET = "membership-test-secret"
 
 
 @pytest.fixture(scope="module")
-def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
-    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+def cluster(vllm, tiny_fp32_model, sample_corpus, state_dir):
+    from qroute.ops.cluster import ClusterSpec
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-        spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=2, replicas=1,
-                           blocks_per_chunk=2, base_port=8500, etcd=True)  # fmt: skip
-        state = start_cluster(spec, secret=SECRET)
-        try:
-            yield spec, state
-        finally:
-            stop_cluster(state)
+    spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=2, replicas=1,
+                       blocks_per_chunk=2, base_port=8500, etcd=True)  # fmt: skip
+    with running_cluster(spec, SECRET) as state:
+        yield spec, state
 
 
 def _parts(url: str, owner: str, decision: str) -> float:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.ops.faults import answers, asker_and_first_owner, wait_routed_again
+from tests.ops.faults import answers, asker_and_first_owner, running_cluster, wait_routed_again
 
 
 def _can_make_namespaces() -> bool:
@@ -32,15 +32,12 @@ pytestmark = pytest.mark.skipif(not _can_make_namespaces(), reason="network name
 
 @pytest.fixture(scope="module")
 def cluster(vllm, tiny_fp32_model, sample_corpus, state_dir):
-    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+    from qroute.ops.cluster import ClusterSpec
 
     spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=3, replicas=2,
                        blocks_per_chunk=2, base_port=8780, transport="tcp", netns=True)  # fmt: skip
-    state = start_cluster(spec)
-    try:
+    with running_cluster(spec) as state:
         yield spec, state
-    finally:
-        stop_cluster(state)
 
 
 def test_instances_are_separate_hosts(cluster):

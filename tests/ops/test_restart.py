@@ -21,6 +21,7 @@ from tests.ops.faults import (
     PROMPTS,
     answers,
     asker_and_first_owner,
+    running_cluster,
     streamed_answers,
     wait_for_line,
     wait_routed_again,
@@ -31,18 +32,13 @@ MID_DECODE_TOKENS = 48  # long enough that the kill lands while every stream is 
 
 
 @pytest.fixture(scope="module")
-def cluster(vllm, tiny_fp32_model, sample_corpus, tmp_path_factory):
-    from qroute.ops.cluster import ClusterSpec, start_cluster, stop_cluster
+def cluster(vllm, tiny_fp32_model, sample_corpus, state_dir):
+    from qroute.ops.cluster import ClusterSpec
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QROUTE_STATE_DIR", str(tmp_path_factory.mktemp("qroute-state")))
-        spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=3, replicas=2,
-                           blocks_per_chunk=2, base_port=8760)  # fmt: skip
-        state = start_cluster(spec, secret=SECRET)
-        try:
-            yield spec, state
-        finally:
-            stop_cluster(state)
+    spec = ClusterSpec(model_dir=tiny_fp32_model, corpus_dir=sample_corpus, num_instances=3, replicas=2,
+                       blocks_per_chunk=2, base_port=8760)  # fmt: skip
+    with running_cluster(spec, SECRET) as state:
+        yield spec, state
 
 
 def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(cluster):
