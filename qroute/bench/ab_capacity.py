@@ -12,11 +12,12 @@ Every set-up gets the same KV budget per instance, ``b`` blocks of 16 tokens: th
 
 Each is offered 4, 6, 9, ... sessions at once (x1.5 up to ``sessions``; ``max_tokens`` each, the instances'
 request cap above that) until an offer makes vLLM preempt: a set-up's figure is the most requests its engines ran at
-once (``vllm:num_requests_running`` summed over its instances, sampled every 20 ms) in an offer without a
-preemption, a lower bound where no offer preempted ("not saturated"). vLLM admits a request on its prompt's blocks
-and preempts when decodes outgrow the cache, so a peak reached with preemptions is not a concurrency the set-up
-sustains. The KV budget each instance really had is read back from its ``vllm:cache_config_info``; every session's
-tokens must be the same for its question across set-ups and offers.
+once (``vllm:num_requests_running`` summed over its instances, sampled every 20 ms, and at least the sessions the
+clients saw decoding together) in an offer without a preemption, a lower bound where no offer preempted ("not
+saturated"). vLLM admits a request on its prompt's blocks and preempts when decodes outgrow the cache, so a peak
+reached with preemptions is not a concurrency the set-up sustains. The KV budget each instance really had is read
+back from its ``vllm:cache_config_info``; every session's tokens must be the same for its question across set-ups
+and offers.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from qroute.bench.ab_configs import Running, moved_between, start_prefix_cached, start_qroute
-from qroute.bench.ab_workload import SessionResult, Workload, drive, latency_summary
-from qroute.ops.scrape import delta, scrape, total
+from qroute.bench.ab_workload import SessionResult, Workload, drive, latency_summary, warm_up
+from qroute.ops.scrape import scrape
 
 __all__ = ["most_decoding_at_once", "offer_levels", "run_capacity"]
 
@@ -85,19 +86,20 @@ def _kv_blocks(url: str) -> int:
 
 def _offer(running: Running, workload: Workload, request_for, tokens: dict[int, set]) -> dict[str, Any]:
     """One offer of ``workload``'s sessions at once; each session's tokens go into ``tokens[question]``."""
-    urls = [i.url for i in running.instances]
     before = running.counters()
-    with RunningPeak(urls) as engine:
+    with RunningPeak([i.url for i in running.instances]) as engine:
         results = drive(running.endpoints, workload, request_for)
-    summary, after = latency_summary(results), running.counters()
+    summary, moved = latency_summary(results), moved_between(before, running.counters())
     for r in results:
         if r.error is None:
             tokens.setdefault(r.question, set()).add(tuple(r.tokens))
-    preempted = sum(total(delta(after[u], before[u]), "vllm:num_preemptions_total") for u in urls)
-    return {"running_at_once": engine.peak, "decoding_at_once": most_decoding_at_once(results),
-            "preemptions": int(preempted),
+    decoding = most_decoding_at_once(results)
+    # the engine runs every session the client sees decoding: its peak is at least their overlap, which a sample
+    # 20 ms apart can miss when sessions last less than a scrape (seen: 0 sampled with 6 short sessions)
+    return {"running_at_once": max(engine.peak, decoding), "decoding_at_once": decoding,
+            "preemptions": int(moved["preemptions"]),
             "ttft_ms_p50": summary["ttft_ms"]["p50"], "tpot_ms_p50": summary["tpot_ms"]["p50"],
-            "throughput_tok_s": summary["throughput_tok_s"], "moved": moved_between(before, after),
+            "throughput_tok_s": summary["throughput_tok_s"], "moved": moved,
             "errors": summary["errors"]}  # fmt: skip
 
 
@@ -106,7 +108,7 @@ def _sweep(running: Running, questions: tuple[str, ...], max_tokens: int, levels
     """Offer each level's sessions in turn until one preempts (or fails); the set-up's capacity is the most sessions
     it ran at once in an offer without a preemption."""
     urls = [i.url for i in running.instances]
-    drive(running.endpoints, Workload(questions[:1], len(running.endpoints), 2), request_for)  # warm-up
+    warm_up(running.endpoints, questions, request_for)
     by_level: dict[str, dict[str, Any]] = {}
     tokens: dict[int, set] = {}
     for level in levels:
@@ -145,13 +147,15 @@ def run_capacity(model_dir: Path, corpus: Path, questions: tuple[str, ...], *, i
     store = {i: -(-sum(n for _, n in shard_layout(directory, i).values()) // BLOCK) for i in ids}
     levels = offer_levels(sessions)
     caps = ("--max-num-seqs", str(sessions))
+    # one max_model_len for both stock set-ups: the power of two above a prompt and its tokens, cut to what a replica's
+    # budget holds (vLLM refuses a max_model_len whose one request does not fit the KV cache)
     max_len = min((budget - 1) * BLOCK, 1 << (len(corpus_ids) + max(map(len, q_ids)) + max_tokens).bit_length())
     stock = lambda q: (corpus_ids + q_ids[q], {})  # noqa: E731
     setups: dict[str, dict[str, Any]] = {}
     for name, replicas, blocks in (("stock-prefix-cached-replicas", instances, budget),
                                    ("stock-prefix-cached-one", 1, instances * budget)):  # fmt: skip
         log(f"bench ab capacity: {name}")
-        running = start_prefix_cached(model_dir, base_port, min((blocks - 1) * BLOCK, max_len), replicas=replicas,
+        running = start_prefix_cached(model_dir, base_port, max_len, replicas=replicas,
                                       engine_args=("--num-gpu-blocks-override", str(blocks), *caps))  # fmt: skip
         try:
             setups[name] = _sweep(running, questions, max_tokens, levels, stock)
