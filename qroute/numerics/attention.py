@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from qroute.errors import ConfigError
+from qroute.numerics.kernels import use_triton
 from qroute.numerics.rope import rope_inv_freq, rope_is_interleaved, softmax_scale
 
 __all__ = ["AttentionParams", "Part", "empty_part", "lse_from_base2", "merge", "partial_attention"]
@@ -100,7 +101,8 @@ def partial_attention(
     key j is visible to row t iff ``kv_positions[j] <= q_positions[t]``.
     Returns ``out [T, H, kv_lora_rank]`` float32 and ``lse [T, H]`` float32 natural log; rows with no
     visible key get ``(0, -inf)``. Computed in float32 whatever the input dtype, on q_nope's device
-    (rows are gathered from ``kv_cache`` wherever it lives).
+    (rows are gathered from ``kv_cache`` wherever it lives). On CUDA tensors the Triton kernel computes it
+    (``qroute.numerics.kernels``: unmasked, one dtype), with the same contract.
     """
     _check_float("q_nope", q_nope)
     _check_float("q_pe", q_pe)
@@ -140,6 +142,11 @@ def partial_attention(
 
     device = q_nope.device
     masked = q_positions is not None
+    if use_triton(device, masked=masked, same_dtype=q_nope.dtype == q_pe.dtype == cache.dtype):
+        from qroute.numerics.triton_mla import partial_attention_triton
+
+        rows = torch.arange(low, high + 1, device=cache.device) if isinstance(slots, range) else slots
+        return partial_attention_triton(q_nope, q_pe, cache, rows, scale)
     fusable = not masked and device.type == "cpu" and cache.device.type == "cpu" and num_tokens * num_heads > 0
     if fusable and _FLASH_CPU is not None:
         # One fused kernel instead of a dozen small ops (each costs microseconds of overhead on a CPU). The
@@ -203,6 +210,11 @@ def merge(parts: list[Part]) -> Part:
                 f"part {i} shapes out {tuple(out.shape)}, lse {tuple(lse.shape)} differ from part 0 "
                 f"({tuple(out0.shape)}, {tuple(lse0.shape)})"
             )
+    if use_triton(lse0.device):
+        from qroute.numerics.triton_mla import merge_triton
+
+        outs = torch.stack([out for out, _ in parts]).float()
+        return merge_triton(outs, torch.stack([lse for _, lse in parts]).float())
     lses = torch.stack([lse for _, lse in parts]).float()  # [P, T, H]
     top = lses.amax(dim=0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # all -inf: exp(-inf) = 0, not NaN
     weights = (lses - top).exp_()

@@ -22,6 +22,7 @@ import torch
 
 from qroute.errors import ConfigError
 from qroute.numerics.attention import Part, partial_attention
+from qroute.numerics.kernels import use_triton
 
 __all__ = ["FP8_DS_MLA", "RowFormat", "row_format"]
 
@@ -106,6 +107,11 @@ class RowFormat:
         """``partial_attention`` of the query rows over stored rows ``slots`` (dequantized first where FP8)."""
         if not self.quantized:
             return partial_attention(q_nope, q_pe, stored, slots, scale, self.kv_lora_rank)
+        if use_triton(q_nope.device) and len(slots):  # dequantized inside the kernel
+            from qroute.numerics.triton_mla import partial_attention_triton
+
+            rows = torch.arange(slots.start, slots.stop) if isinstance(slots, range) else slots
+            return partial_attention_triton(q_nope, q_pe, stored, rows.to(stored.device), scale)
         if isinstance(slots, range):
             selected = stored[slots.start:slots.stop]
         else:

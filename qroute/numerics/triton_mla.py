@@ -3,7 +3,10 @@ exact merge of parts. Same shapes, dtypes and LSE base as the torch reference (F
 
 - ``partial_attention_triton(q_nope [T, H, R], q_pe [T, H, P], kv_cache [N, R + P], slots [S] int, scale)`` ->
   ``(out [T, H, R] float32, lse [T, H] float32, natural log)``; no keys gives ``(0, -inf)``. Queries and cache in
-  float32, bfloat16 or float16 (one dtype); accumulation in float32.
+  float32, bfloat16 or float16 (one dtype); accumulation in float32. A uint8 cache ``[N, R + R / 32 + 2 P]`` holds
+  DeepSeek-V3.2's ``fp8_ds_mla`` rows (656 bytes for R 512, P 64: ``qroute.numerics.rowformat``), dequantized in the
+  kernel (each e4m3 value times its 128-value tile's scale), with queries in any of the three float dtypes; the
+  result is attention over the dequantized rows (bf16 queries: the dequantized tile is rounded to bf16 for the dots).
 - ``merge_triton(outs [K, T, H, R], lses [K, T, H])`` -> the merged part; a part with ``lse = -inf`` contributes
   nothing.
 
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 
 from qroute.errors import ConfigError
+from qroute.numerics.rowformat import FP8_TILE
 
 __all__ = ["BLOCK_M", "BLOCK_N", "interpreted", "merge_triton", "partial_attention_triton"]
 
@@ -31,9 +35,20 @@ BLOCK_N = 32  # keys per tile
 
 
 @triton.jit
+def _fp8_rows(row, key_ok, r, p, R: tl.constexpr, P: tl.constexpr):
+    """One tile of ``fp8_ds_mla`` rows (``row``: uint8 pointers to each key's row) dequantized to float32:
+    ``R`` e4m3 values, then ``R / 128`` float32 scales, then ``P`` bfloat16 k_pe values (``rowformat``)."""
+    values = tl.load(row + r[None, :], mask=key_ok[:, None], other=0)
+    scales = tl.load((row + R).to(tl.pointer_type(tl.float32)) + r[None, :] // 128, mask=key_ok[:, None], other=0.0)
+    rope = tl.load((row + R + 4 * (R // 128)).to(tl.pointer_type(tl.bfloat16)) + p[None, :], mask=key_ok[:, None],
+                   other=0.0)  # fmt: skip
+    return values.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scales, rope.to(tl.float32)
+
+
+@triton.jit
 def _partial_kernel(q_nope, q_pe, cache, slots, out, lse, M, S, scale, stride_q_nope, stride_q_pe, stride_cache,
                     stride_out, R: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    UPCAST: tl.constexpr):  # fmt: skip
+                    UPCAST: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -51,11 +66,17 @@ def _partial_kernel(q_nope, q_pe, cache, slots, out, lse, M, S, scale, stride_q_
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < S
         slot = tl.load(slots + keys, mask=key_ok, other=0)
-        kn = tl.load(cache + slot[:, None] * stride_cache + r[None, :], mask=key_ok[:, None], other=0.0)
-        kp = tl.load(cache + slot[:, None] * stride_cache + R + p[None, :], mask=key_ok[:, None], other=0.0)
-        if UPCAST:
-            kn = kn.to(tl.float32)
-            kp = kp.to(tl.float32)
+        row = cache + slot[:, None] * stride_cache
+        if FP8:
+            kn, kp = _fp8_rows(row, key_ok, r, p, R, P)
+            kn = kn.to(qn.dtype)  # bf16 queries: bf16 dots after dequantizing, as FlashMLA's sparse kernel does
+            kp = kp.to(qn.dtype)
+        else:
+            kn = tl.load(row + r[None, :], mask=key_ok[:, None], other=0.0)
+            kp = tl.load(row + R + p[None, :], mask=key_ok[:, None], other=0.0)
+            if UPCAST:
+                kn = kn.to(tl.float32)
+                kp = kp.to(tl.float32)
         s = tl.dot(qn, tl.trans(kn), input_precision="ieee") + tl.dot(qp, tl.trans(kp), input_precision="ieee")
         s = tl.where(key_ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -106,16 +127,21 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def partial_attention_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """See the module docstring. ``slots`` index rows of ``kv_cache`` (a paged cache flattened to its rows)."""
+    """See the module docstring. ``slots`` index rows of ``kv_cache`` (a paged cache flattened to its rows); a
+    uint8 ``kv_cache [N, R + R / 32 + 2 P]`` holds ``fp8_ds_mla`` rows, dequantized in the kernel."""
     t, h, r = q_nope.shape
     p = q_pe.shape[-1]
-    if q_pe.shape[:2] != (t, h) or kv_cache.dim() != 2 or kv_cache.shape[1] != r + p:
+    fp8 = kv_cache.dtype == torch.uint8
+    width = r + r // FP8_TILE * 4 + 2 * p if fp8 else r + p
+    if q_pe.shape[:2] != (t, h) or kv_cache.dim() != 2 or kv_cache.shape[1] != width:
         raise ConfigError(f"q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)} and cache "
-                          f"{tuple(kv_cache.shape)} do not fit [T, H, R], [T, H, P], [N, R + P]")  # fmt: skip
-    if q_nope.dtype != q_pe.dtype or q_nope.dtype != kv_cache.dtype:
+                          f"{tuple(kv_cache.shape)} {kv_cache.dtype} do not fit [T, H, R], [T, H, P], "
+                          f"[N, {width}]")  # fmt: skip
+    if q_nope.dtype != q_pe.dtype or not (fp8 or q_nope.dtype == kv_cache.dtype):
         raise ConfigError(f"dtypes differ: q_nope {q_nope.dtype}, q_pe {q_pe.dtype}, cache {kv_cache.dtype}")
-    if r & (r - 1) or p & (p - 1) or p < 16:
-        raise ConfigError(f"kv_lora_rank {r} and rope dim {p} must be powers of two, rope dim >= 16")
+    if r & (r - 1) or p & (p - 1) or p < 16 or (fp8 and r % FP8_TILE):
+        raise ConfigError(f"kv_lora_rank {r} and rope dim {p} must be powers of two, rope dim >= 16 "
+                          f"(and kv_lora_rank a multiple of {FP8_TILE} for fp8_ds_mla)")  # fmt: skip
     m = t * h
     qn = q_nope.reshape(m, r).contiguous()
     qp = q_pe.reshape(m, p).contiguous()
@@ -127,7 +153,7 @@ def partial_attention_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache:
         _partial_kernel[(triton.cdiv(m, BLOCK_M),)](
             qn, qp, cache, slots, out, lse, m, slots.numel(), float(scale), qn.stride(0), qp.stride(0),
             cache.stride(0), out.stride(0), R=r, P=p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            UPCAST=_upcast(q_nope.dtype),
+            UPCAST=_upcast(q_nope.dtype), FP8=fp8,
         )  # fmt: skip
     return out.view(t, h, r), lse.view(t, h)
 

@@ -7,7 +7,9 @@ Tolerances: float32 1e-5 (both sides accumulate in float32; the reference differ
 fp16 inputs: the kernel upcasts each loaded tile under the interpreter and computes in float32, as the reference
 does after its own upcast, so the same 1e-5 holds; on a GPU the kernel rounds the softmax weights to the input dtype
 before the second product (standard flash attention), which costs about 1e-2 relative: that check waits for a
-GPU machine (issue 14)."""
+GPU machine (issue 14). FP8 ``fp8_ds_mla`` rows: the kernel dequantizes each e4m3 value times its tile's
+scale in float32, as ``RowFormat.decode`` does, so against attention over the dequantized rows the same 1e-5 holds
+(float32 queries; bf16 queries are upcast under the interpreter)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from qroute.numerics.attention import merge, partial_attention
+from qroute.numerics.rowformat import FP8_DS_MLA, row_format
 
 R, P = 512, 64
 ATOL = 1e-5
@@ -90,3 +93,76 @@ def test_merge_matches_the_reference_with_empty_parts(kernels):
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=0)
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
     assert torch.isneginf(lse[1, 15]) and torch.equal(out[1, 15], torch.zeros(R))
+
+
+FP8 = row_format(FP8_DS_MLA, R, P)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,h,s", [(2, 16, 100), (1, 128, 40)])
+def test_fp8_rows_match_attention_over_the_dequantized_rows(kernels, dtype, t, h, s):
+    q_nope, q_pe, dense, slots = _inputs(t, h, 160, s, torch.float32, seed=11)
+    dense[:, :R] *= torch.linspace(0.05, 4.0, 160)[:, None]  # rows whose tiles have very different scales
+    stored = FP8.encode(dense)
+    assert stored.dtype == torch.uint8 and stored.shape == (160, 656)
+    q_nope, q_pe = q_nope.to(dtype), q_pe.to(dtype)
+    out, lse = kernels.partial_attention_triton(q_nope, q_pe, stored, slots, 0.07)
+    truth_out, truth_lse = _float64_attention(q_nope, q_pe, FP8.decode(stored)[slots], 0.07)
+    # Scores reach about 20 here, so float32's rounding is relative: the kernel lands within 1e-6 of max |out| of a
+    # float64 reference over the same dequantized rows (seen: 7e-7); the torch float32 reference within 2e-6.
+    bound = 2e-6 * truth_out.abs().max().item()
+    assert (out.double() - truth_out).abs().max() <= bound and (lse.double() - truth_lse).abs().max() <= ATOL
+    ref_out, ref_lse = FP8.attend(q_nope, q_pe, stored, slots, 0.07)  # partial_attention over FP8.decode(rows)
+    assert (out - ref_out).abs().max() <= 2 * bound and (lse - ref_lse).abs().max() <= 2 * ATOL
+
+
+def _float64_attention(q_nope, q_pe, rows, scale):
+    q = torch.cat([q_nope, q_pe], dim=-1).double()
+    scores = torch.einsum("thd,sd->ths", q, rows.double()) * scale
+    return torch.einsum("ths,sd->thd", scores.softmax(dim=-1), rows[:, :R].double()), scores.logsumexp(dim=-1)
+
+
+def test_fp8_rows_differ_from_the_unquantized_rows(kernels):
+    """Negative control: the kernel really attends to the quantized rows (e4m3's 3 mantissa bits), not a copy of the
+    dense ones, and a scale read from the wrong tile is caught."""
+    q_nope, q_pe, dense, slots = _inputs(1, 16, 64, 48, torch.float32, seed=13)
+    stored = FP8.encode(dense)
+    out, _ = kernels.partial_attention_triton(q_nope, q_pe, stored, slots, 0.07)
+    dense_out, _ = partial_attention(q_nope, q_pe, dense, slots, 0.07, R)
+    assert (out - dense_out).abs().max() > 100 * ATOL
+    shuffled = stored.clone()
+    scales = shuffled[:, R:R + 16].view(torch.float32)
+    scales[:, [0, 1]] = scales[:, [1, 0]] * 4
+    wrong, _ = kernels.partial_attention_triton(q_nope, q_pe, shuffled, slots, 0.07)
+    assert (wrong - out).abs().max() > 100 * ATOL
+
+
+def test_the_reference_entry_points_dispatch_to_the_kernels(kernels, monkeypatch):
+    """``QROUTE_KERNELS=triton`` sends ``partial_attention``, ``RowFormat.attend`` (FP8) and ``merge`` to the kernels
+    (what ``auto`` does on CUDA tensors); each call is seen reaching the kernel, and the answers equal the torch
+    reference's (``QROUTE_KERNELS=torch``)."""
+    calls = []
+    for name in ("partial_attention_triton", "merge_triton"):
+        real = getattr(kernels, name)
+        spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(kernels, name, spy)
+    q_nope, q_pe, dense, slots = _inputs(2, 16, 96, 50, torch.float32, seed=17)
+    stored = FP8.encode(dense)
+    parts = [partial_attention(q_nope, q_pe, dense, slots[:20], 0.07, R),
+             partial_attention(q_nope, q_pe, dense, range(60, 90), 0.07, R)]
+    answers = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("QROUTE_KERNELS", choice)
+        calls.clear()
+        answers[choice] = [partial_attention(q_nope, q_pe, dense, slots, 0.07, R),
+                           partial_attention(q_nope, q_pe, dense, range(10, 40), 0.07, R),
+                           FP8.attend(q_nope, q_pe, stored, slots, 0.07), merge(parts)]
+        assert calls == ([] if choice == "torch" else ["partial_attention_triton"] * 3 + ["merge_triton"])
+    for (out, lse), (ref_out, ref_lse) in zip(answers["triton"], answers["torch"], strict=True):
+        torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-6)
+    monkeypatch.setenv("QROUTE_KERNELS", "triton")
+    calls.clear()
+    positions = torch.arange(50)
+    partial_attention(q_nope, q_pe, dense, slots, 0.07, R, q_positions=torch.tensor([20, 49]), kv_positions=positions)
+    assert calls == []  # causal masks stay on the reference: the kernel has none
