@@ -142,7 +142,8 @@ def partial_attention(
 
     device = q_nope.device
     masked = q_positions is not None
-    if use_triton(device, masked=masked, same_dtype=q_nope.dtype == q_pe.dtype == cache.dtype):
+    uniform = q_nope.dtype == q_pe.dtype == cache.dtype and cache.device == device
+    if use_triton(device, masked=masked, uniform=uniform):
         from qroute.numerics.triton_mla import partial_attention_triton
 
         rows = torch.arange(low, high + 1, device=cache.device) if isinstance(slots, range) else slots

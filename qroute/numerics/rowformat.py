@@ -107,7 +107,7 @@ class RowFormat:
         """``partial_attention`` of the query rows over stored rows ``slots`` (dequantized first where FP8)."""
         if not self.quantized:
             return partial_attention(q_nope, q_pe, stored, slots, scale, self.kv_lora_rank)
-        if use_triton(q_nope.device) and len(slots):  # dequantized inside the kernel
+        if use_triton(q_nope.device, uniform=stored.device == q_nope.device) and len(slots):  # dequantized in it
             from qroute.numerics.triton_mla import partial_attention_triton
 
             rows = torch.arange(slots.start, slots.stop) if isinstance(slots, range) else slots

@@ -17,10 +17,12 @@ What ``register()`` does, once per process:
    (An instance started with ``VLLM_PLUGINS`` excluding ``qroute`` gets neither the plugin nor the fix.)
 2. Registers the connector name ``QRouteConnector`` (lazy: ``qroute.connectors.vllm`` is imported only
    when an instance names it in ``--kv-transfer-config``).
-3. Registers the attention backend, CPU only: the ``CPU_MLA`` slot (the only MLA slot the CPU platform
+3. Registers the attention backend. CPU: the ``CPU_MLA`` slot (the only MLA slot the CPU platform
    honours) now resolves to ``QRouteCPUMLABackend``, which hands out vLLM's own ``CPUMLAImpl`` and
    metadata builder unless qroute is configured, so an unconfigured instance runs the stock classes.
-   There is no CUDA backend yet: nothing is registered there, and ``ensure_active`` refuses CUDA.
+   CUDA: the ``CUSTOM`` slot resolves to ``QRouteMLABackend`` (vLLM's Triton MLA plus the corpus part), used
+   only by an instance started with ``--attention-backend CUSTOM``; ``ensure_active`` requires that selection
+   where qroute is configured.
 
 "Configured" means the instance's ``--kv-transfer-config`` names ``QRouteConnector`` (directly or inside
 a ``MultiConnector``). That config is the one source of truth: it reaches every process inside the
@@ -56,6 +58,7 @@ __all__ = [
     "CONNECTOR_MODULE",
     "CONNECTOR_NAME",
     "CPU_BACKEND_PATH",
+    "CUDA_BACKEND_PATH",
     "CorpusAttention",
     "CorpusAttentionProvider",
     "ensure_active",
@@ -70,6 +73,7 @@ CONNECTOR_NAME = "QRouteConnector"
 CONNECTOR_MODULE = "qroute.connectors.vllm"
 CONNECTOR_CLASS = "QRouteConnector"
 CPU_BACKEND_PATH = "qroute.plugin.vllm_backend.QRouteCPUMLABackend"
+CUDA_BACKEND_PATH = "qroute.plugin.vllm_cuda_backend.QRouteMLABackend"
 
 
 class CorpusAttention(Protocol):
@@ -140,6 +144,21 @@ def _register_backend(platform: Platform) -> None:
     if platform.is_cpu():
         # The CPU platform resolves MLA only to CPU_MLA or AMX_MLA (platforms/cpu.py get_attn_backend_cls).
         register_backend(AttentionBackendEnum.CPU_MLA, CPU_BACKEND_PATH)
+    elif platform.is_cuda():
+        # CUSTOM is only used when an instance asks for it (--attention-backend CUSTOM): stock instances never are.
+        held = _custom_slot()
+        if held not in (None, CUDA_BACKEND_PATH):
+            raise ConfigError(f"the CUSTOM attention backend slot already holds {held!r} (another plugin)")
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND_PATH)
+
+
+def _custom_slot() -> str | None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    try:
+        return AttentionBackendEnum.CUSTOM.get_path()
+    except ValueError:  # nothing registered there
+        return None
 
 
 def qroute_configured(vllm_config: VllmConfig | None) -> bool:
@@ -194,5 +213,11 @@ def _check_backend_selection(vllm_config: VllmConfig) -> str:
             raise ConfigError("this CPU has AMX, so vLLM would pick AMX_MLA; pass --attention-backend CPU_MLA")
         return f"{CPU_BACKEND_PATH} (CPU_MLA slot)"
     if current_platform.is_cuda():
-        raise ConfigError("qroute has no CUDA attention backend yet; it runs on vLLM's CPU platform only")
-    raise ConfigError(f"qroute supports vLLM's CPU platform, not {current_platform.device_name!r}")
+        slot = _custom_slot()
+        if slot != CUDA_BACKEND_PATH:
+            raise ConfigError(f"the CUSTOM backend slot holds {slot!r}, not qroute's; another plugin overrode it")
+        if selected != AttentionBackendEnum.CUSTOM:
+            raise ConfigError("qroute's CUDA attention backend sits in vLLM's CUSTOM slot: pass "
+                              f"--attention-backend CUSTOM (this instance selected {selected})")  # fmt: skip
+        return f"{CUDA_BACKEND_PATH} (CUSTOM slot, vLLM's Triton MLA for the own part)"
+    raise ConfigError(f"qroute supports vLLM's CPU and CUDA platforms, not {current_platform.device_name!r}")

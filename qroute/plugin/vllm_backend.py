@@ -23,54 +23,18 @@ from dataclasses import dataclass
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
-from vllm.model_executor.layers.attention.mla_attention import (
-    MLACommonDecodeMetadata,
-    MLACommonMetadata,
-    MLACommonMetadataBuilder,
-    QueryLenSupport,
-)
+from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from qroute.errors import ConfigError
 from qroute.numerics.attention import Part, partial_attention
-from qroute.plugin.vllm import CorpusAttention, CorpusAttentionProvider, ensure_active, qroute_configured
+from qroute.plugin.vllm import ensure_active, qroute_configured
+from qroute.plugin.vllm_mla_common import AllRowsAbsorbed, CorpusMerge, QRouteDecodeMetadata
 
 __all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "QRouteMLAMetadataBuilder"]
 
 
-@dataclass
-class QRouteDecodeMetadata(MLACommonDecodeMetadata):
-    """Stock decode metadata plus what multi-row requests need: ``query_start_loc [num_reqs + 1]`` (host)."""
-
-    query_start_loc: torch.Tensor | None = None
-    max_query_len: int = 1
-    own_rows: tuple[OwnRows, ...] | None = None  # planned on the step's first layer (``own_rows``)
-
-
-class QRouteMLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
+class QRouteMLAMetadataBuilder(AllRowsAbsorbed, MLACommonMetadataBuilder[MLACommonMetadata]):
     """Sends every row, prefill included, down the absorbed (``forward_mqa``) path."""
-
-    query_len_support = QueryLenSupport.VARLEN
-    reorder_batch_threshold = 1 << 30
-
-    def _build_decode(
-        self,
-        block_table_tensor: torch.Tensor,
-        seq_lens_device: torch.Tensor,
-        max_seq_len: int,
-        query_start_loc_cpu: torch.Tensor,
-        query_start_loc_device: torch.Tensor,
-        num_decode_tokens: int,
-        max_query_len: int,
-        dcp_tot_seq_lens_device: torch.Tensor | None,
-    ) -> QRouteDecodeMetadata:
-        return QRouteDecodeMetadata(
-            block_table=block_table_tensor,
-            seq_lens=seq_lens_device,
-            dcp_tot_seq_lens=dcp_tot_seq_lens_device,
-            query_start_loc=query_start_loc_cpu,
-            max_query_len=max_query_len,
-        )
 
 
 @dataclass(frozen=True)
@@ -90,7 +54,7 @@ class OwnRows:
 
 def own_rows(decode: QRouteDecodeMetadata, block_size: int) -> tuple[OwnRows, ...]:
     """Every request's ``OwnRows`` of this step, computed on the first layer and kept on the step's metadata."""
-    if decode.own_rows is None:
+    if decode.own_plan is None:
         starts = decode.query_start_loc.tolist()
         seq_lens = decode.seq_lens.tolist()
         tables = decode.block_table.to("cpu", torch.int64)
@@ -103,8 +67,8 @@ def own_rows(decode: QRouteDecodeMetadata, block_size: int) -> tuple[OwnRows, ..
             causal = b - a > 1
             q_positions = torch.arange(seq_lens[r] - (b - a), seq_lens[r]) if causal else None
             planned.append(OwnRows(a, b, slots, q_positions, positions if causal else None))
-        decode.own_rows = tuple(planned)
-    return decode.own_rows
+        decode.own_plan = tuple(planned)
+    return decode.own_plan
 
 
 def own_part(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, rows: OwnRows, scale: float) -> Part:
@@ -116,32 +80,8 @@ def own_part(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, r
     )  # fmt: skip
 
 
-def _corpus_attention() -> CorpusAttention | None:
-    """The connector's worker side, or None (no connector yet, e.g. during vLLM's profiling run)."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-    if not has_kv_transfer_group():
-        return None
-    connector = get_kv_transfer_group()
-    if not isinstance(connector, CorpusAttentionProvider):
-        raise ConfigError(f"qroute's attention backend needs the QRouteConnector, got {type(connector).__name__}")
-    return connector.corpus_attention
-
-
-class QRouteCPUMLAImpl(CPUMLAImpl):
+class QRouteCPUMLAImpl(CorpusMerge, CPUMLAImpl):
     """``forward_mqa`` for every row: own part + corpus part, merged; returns a natural-log LSE."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._layer_index: dict[str, int] = {}
-
-    def _layer(self, layer: object) -> int:
-        name = layer.layer_name
-        if name not in self._layer_index:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer_index[name] = extract_layer_index(name)
-        return self._layer_index[name]
 
     def forward_mqa(
         self,
@@ -151,19 +91,14 @@ class QRouteCPUMLAImpl(CPUMLAImpl):
         layer: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q_nope, q_pe = q if isinstance(q, tuple) else q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        decode = attn_metadata.decode
-        if not isinstance(decode, QRouteDecodeMetadata):
-            raise ConfigError("qroute's attention impl got stock MLA metadata: the QRouteMLAMetadataBuilder is "
-                              "not in use (was get_builder_cls() called outside the instance's vLLM config?)")
+        decode = self._step_metadata(attn_metadata)
         num_tokens, num_heads, _ = q_nope.shape
         out = torch.empty(num_tokens, num_heads, self.kv_lora_rank, dtype=torch.float32, device=q_nope.device)
         lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q_nope.device)
         for rows in own_rows(decode, kv_c_and_k_pe_cache.shape[1]):
             a, b = rows.start, rows.stop
             out[a:b], lse[a:b] = own_part(q_nope[a:b], q_pe[a:b], kv_c_and_k_pe_cache, rows, self.scale)
-        corpus = _corpus_attention()
-        if corpus is not None:  # every request's corpus part, merged into its rows (one call for the whole step)
-            out, lse = corpus.attend_step(self._layer(layer), q_nope, q_pe, (out, lse))
+        out, lse = self._with_corpus(layer, q_nope, q_pe, (out, lse))
         return out.to(q_nope.dtype), lse
 
 

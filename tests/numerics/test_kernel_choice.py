@@ -19,7 +19,7 @@ def test_auto_takes_triton_for_cuda_tensors_only(monkeypatch):
     assert kernels.use_triton(CUDA)
     assert not kernels.use_triton(CPU)
     assert not kernels.use_triton(CUDA, masked=True)
-    assert not kernels.use_triton(CUDA, same_dtype=False)
+    assert not kernels.use_triton(CUDA, uniform=False)
 
 
 def test_the_override(monkeypatch):

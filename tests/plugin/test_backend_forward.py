@@ -86,7 +86,7 @@ LAYER = types.SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_own_part_matches_dense_causal_attention(backend, dtype, monkeypatch):
-    monkeypatch.setattr(backend, "_corpus_attention", lambda: None)
+    monkeypatch.setattr("qroute.plugin.vllm_mla_common.corpus_attention", lambda: None)
     cache, meta, q_nope, q_pe = _batch(backend, dtype)
     out, lse = _impl(backend).forward_mqa((q_nope, q_pe), cache, meta, LAYER)
     want_out, want_lse = _dense(cache, meta, q_nope, q_pe)
@@ -113,14 +113,14 @@ def test_corpus_part_is_merged_once_per_layer_for_the_whole_step(backend, monkey
                 out[rows], lse[rows] = merge([(out[rows], lse[rows]), corpus])
             return out, lse
 
-    monkeypatch.setattr(backend, "_corpus_attention", FakeWorker)
+    monkeypatch.setattr("qroute.plugin.vllm_mla_common.corpus_attention", FakeWorker)
     impl = _impl(backend)
     for _ in range(2):  # two layers of one step: the own rows are planned on the first, reused by the second
         out, lse = impl.forward_mqa((q_nope, q_pe), cache, meta, LAYER)
         want_out, want_lse = _dense(cache, meta, q_nope, q_pe, corpus=(corpus_rows, attends))
         torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=0)
         torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=0)
-    planned = meta.decode.own_rows
+    planned = meta.decode.own_plan
     assert [(rows.start, rows.stop) for rows in planned] == [(0, 5), (5, 6), (6, 23)]
     assert planned[1].q_positions is None  # the single decode row needs no mask
     assert calls == [(1, 23), (1, 23)]  # layer index from the layer name, one call per layer for all requests
@@ -131,7 +131,7 @@ def test_stock_metadata_is_refused(backend, monkeypatch):
 
     from qroute.errors import ConfigError
 
-    monkeypatch.setattr(backend, "_corpus_attention", lambda: None)
+    monkeypatch.setattr("qroute.plugin.vllm_mla_common.corpus_attention", lambda: None)
     cache, meta, q_nope, q_pe = _batch(backend, torch.float32)
     meta.decode = MLACommonDecodeMetadata(meta.decode.block_table, meta.decode.seq_lens, None)
     with pytest.raises(ConfigError, match="QRouteMLAMetadataBuilder"):
