@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -96,15 +97,15 @@ def engine_env(instance_index: int) -> dict[str, str]:
 
 def vllm_serve_command(model_dir: Path, port: int, *, max_model_len: int, extra: list[str],
                        host: str = "127.0.0.1") -> list[str]:  # fmt: skip
-    # CPU_MLA named explicitly: on a CPU with AMX tiles vLLM would pick AMX_MLA, which takes only bf16 / int8
-    # weights (the tiny models are float32) and turns on chunked prefill and prefix caching, so that stock and
-    # qroute instances would run differently from one machine to the next (platforms/cpu.py).
+    # CPU_MLA named: with AMX tiles vLLM picks AMX_MLA (bf16 / int8 weights only, chunked prefill, prefix caching:
+    # runs differ from one machine to the next, platforms/cpu.py). QROUTE_ENGINE_ARGS come last and win (argparse):
+    # a GPU machine's backend, dtype, memory share (scripts/gpu_check.py).
     return [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
         "--host", host, "--port", str(port), "--dtype", "float32", "--enforce-eager",
         "--attention-backend", "CPU_MLA",
         "--max-model-len", str(max_model_len), "--max-num-seqs", "8", "--served-model-name", "tiny",
-        *extra,
+        *extra, *shlex.split(os.environ.get("QROUTE_ENGINE_ARGS", "")),
     ]  # fmt: skip
 
 
