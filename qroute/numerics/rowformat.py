@@ -22,13 +22,11 @@ import torch
 
 from qroute.errors import ConfigError
 from qroute.numerics.attention import Part, partial_attention
+from qroute.numerics.fp8_layout import FP8_DS_MLA, FP8_MAX, FP8_TILE, fp8_row_bytes
 from qroute.numerics.kernels import use_triton
 
-__all__ = ["FP8_DS_MLA", "RowFormat", "row_format"]
+__all__ = ["FP8_DS_MLA", "FP8_MAX", "FP8_TILE", "RowFormat", "row_format"]
 
-FP8_DS_MLA = "fp8_ds_mla"
-FP8_TILE = 128  # latent values per scale
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 _SCALE_FLOOR = torch.finfo(torch.float32).tiny
 _DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +64,7 @@ class RowFormat:
     @property
     def row_bytes(self) -> int:
         if self.quantized:
-            return self.kv_lora_rank + self.kv_lora_rank // FP8_TILE * 4 + self.rope_dim * 2
+            return fp8_row_bytes(self.kv_lora_rank, self.rope_dim)
         return self.width * _DENSE[self.name].itemsize
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from qroute.errors import ConfigError
-from qroute.numerics.rowformat import FP8_TILE
+from qroute.numerics.fp8_layout import FP8_TILE, fp8_row_bytes
 
 __all__ = ["BLOCK_M", "BLOCK_N", "interpreted", "merge_triton", "partial_attention_triton"]
 
@@ -132,7 +132,7 @@ def partial_attention_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache:
     t, h, r = q_nope.shape
     p = q_pe.shape[-1]
     fp8 = kv_cache.dtype == torch.uint8
-    width = r + r // FP8_TILE * 4 + 2 * p if fp8 else r + p
+    width = fp8_row_bytes(r, p) if fp8 else r + p
     if q_pe.shape[:2] != (t, h) or kv_cache.dim() != 2 or kv_cache.shape[1] != width:
         raise ConfigError(f"q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)} and cache "
                           f"{tuple(kv_cache.shape)} {kv_cache.dtype} do not fit [T, H, R], [T, H, P], "
