@@ -22,13 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.config import get_current_vllm_config_or_none
 from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
 from qroute.numerics.attention import Part, partial_attention
-from qroute.plugin.vllm import ensure_active, qroute_configured
-from qroute.plugin.vllm_mla_common import AllRowsAbsorbed, CorpusMerge, QRouteDecodeMetadata
+from qroute.plugin.vllm_mla_common import AllRowsAbsorbed, CorpusMerge, QRouteDecodeMetadata, configured_class
 
 __all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "QRouteMLAMetadataBuilder"]
 
@@ -81,25 +79,17 @@ def own_part(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, r
 
 
 class QRouteCPUMLAImpl(CorpusMerge, CPUMLAImpl):
-    """``forward_mqa`` for every row: own part + corpus part, merged; returns a natural-log LSE."""
+    """``forward_mqa`` for every row (``CorpusMerge``): the own part per request in torch, the corpus part merged."""
 
-    def forward_mqa(
-        self,
-        q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        kv_c_and_k_pe_cache: torch.Tensor,
-        attn_metadata: MLACommonMetadata,
-        layer: object,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q_nope, q_pe = q if isinstance(q, tuple) else q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        decode = self._step_metadata(attn_metadata)
+    def _own_part(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                  attn_metadata: MLACommonMetadata, decode: QRouteDecodeMetadata, layer: object) -> Part:  # fmt: skip
         num_tokens, num_heads, _ = q_nope.shape
         out = torch.empty(num_tokens, num_heads, self.kv_lora_rank, dtype=torch.float32, device=q_nope.device)
         lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q_nope.device)
-        for rows in own_rows(decode, kv_c_and_k_pe_cache.shape[1]):
+        for rows in own_rows(decode, kv_cache.shape[1]):
             a, b = rows.start, rows.stop
-            out[a:b], lse[a:b] = own_part(q_nope[a:b], q_pe[a:b], kv_c_and_k_pe_cache, rows, self.scale)
-        out, lse = self._with_corpus(layer, q_nope, q_pe, (out, lse))
-        return out.to(q_nope.dtype), lse
+            out[a:b], lse[a:b] = own_part(q_nope[a:b], q_pe[a:b], kv_cache, rows, self.scale)
+        return out, lse
 
 
 class QRouteCPUMLABackend(CPUMLABackend):
@@ -107,18 +97,8 @@ class QRouteCPUMLABackend(CPUMLABackend):
 
     @staticmethod
     def get_impl_cls() -> type[CPUMLAImpl]:
-        # MLAAttention.__init__ calls this while the model is built, inside set_current_vllm_config();
-        # capability queries outside that context get the stock class, which has the same capabilities.
-        vllm_config = get_current_vllm_config_or_none()
-        if not qroute_configured(vllm_config):
-            return CPUMLAImpl
-        ensure_active(vllm_config)
-        return QRouteCPUMLAImpl
+        return configured_class(QRouteCPUMLAImpl, CPUMLAImpl, activate=True)
 
     @staticmethod
     def get_builder_cls() -> type[MLACommonMetadataBuilder]:
-        # Called by the model runner under the worker's set_current_vllm_config (initialize_from_config).
-        # If it ever is not, QRouteCPUMLAImpl refuses the stock metadata loudly rather than run wrong.
-        if qroute_configured(get_current_vllm_config_or_none()):
-            return QRouteMLAMetadataBuilder
-        return MLACommonMetadataBuilder
+        return configured_class(QRouteMLAMetadataBuilder, MLACommonMetadataBuilder)

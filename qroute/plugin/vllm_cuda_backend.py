@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import get_current_vllm_config_or_none
 from vllm.config.cache import CacheDType
 from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backend import AttentionCGSupport
@@ -38,8 +37,7 @@ from vllm.v1.attention.backends.mla.triton_mla import (
 from vllm.v1.attention.ops.triton_decode_attention import decode_attention_fwd
 
 from qroute.numerics.attention import Part
-from qroute.plugin.vllm import ensure_active, qroute_configured
-from qroute.plugin.vllm_mla_common import AllRowsAbsorbed, CorpusMerge, QRouteDecodeMetadata
+from qroute.plugin.vllm_mla_common import AllRowsAbsorbed, CorpusMerge, QRouteDecodeMetadata, configured_class
 
 __all__ = ["QRouteMLABackend", "QRouteTritonMLAImpl", "QRouteTritonMLAMetadataBuilder", "RowExtents", "own_part",
            "row_extents"]  # fmt: skip
@@ -104,22 +102,13 @@ class QRouteTritonMLAMetadataBuilder(AllRowsAbsorbed, TritonMLAMetadataBuilder):
 
 
 class QRouteTritonMLAImpl(CorpusMerge, TritonMLAImpl):
-    """``forward_mqa`` for every row: vLLM's Triton MLA own part + the corpus part, merged; natural-log LSE."""
+    """``forward_mqa`` for every row (``CorpusMerge``): vLLM's Triton MLA kernel for the own part."""
 
-    def forward_mqa(
-        self,
-        q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        kv_c_and_k_pe_cache: torch.Tensor,
-        attn_metadata: MLACommonMetadata,
-        layer: object,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q_nope, q_pe = q if isinstance(q, tuple) else q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        decode = self._step_metadata(attn_metadata)
+    def _own_part(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                  attn_metadata: MLACommonMetadata, decode: QRouteDecodeMetadata, layer: object) -> Part:  # fmt: skip
         splits = _compute_num_kv_splits(attn_metadata.max_seq_len, self._sm_count)
-        own = own_part(q_nope, q_pe, kv_c_and_k_pe_cache, row_extents(decode), self.scale, splits,
-                       getattr(layer, "_k_scale", None))  # fmt: skip
-        out, lse = self._with_corpus(layer, q_nope, q_pe, own)
-        return out.to(q_nope.dtype), lse
+        return own_part(q_nope, q_pe, kv_cache, row_extents(decode), self.scale, splits,
+                        getattr(layer, "_k_scale", None))  # fmt: skip
 
 
 class QRouteMLABackend(TritonMLABackend):
@@ -133,14 +122,8 @@ class QRouteMLABackend(TritonMLABackend):
 
     @staticmethod
     def get_impl_cls() -> type[TritonMLAImpl]:
-        vllm_config = get_current_vllm_config_or_none()  # as QRouteCPUMLABackend.get_impl_cls
-        if not qroute_configured(vllm_config):
-            return TritonMLAImpl
-        ensure_active(vllm_config)
-        return QRouteTritonMLAImpl
+        return configured_class(QRouteTritonMLAImpl, TritonMLAImpl, activate=True)
 
     @staticmethod
     def get_builder_cls() -> type[MLACommonMetadataBuilder]:
-        if qroute_configured(get_current_vllm_config_or_none()):
-            return QRouteTritonMLAMetadataBuilder
-        return TritonMLAMetadataBuilder
+        return configured_class(QRouteTritonMLAMetadataBuilder, TritonMLAMetadataBuilder)

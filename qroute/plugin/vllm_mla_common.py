@@ -4,6 +4,8 @@
   ``forward_mqa`` path (``query_len_support = VARLEN``, ``reorder_batch_threshold = 1 << 30``,
   docs/vllm-internals.md (a)) with ``QRouteDecodeMetadata``: the step's ``query_start_loc`` on the host and a slot
   for the backend's own-part plan, made on the step's first layer and reused by the others.
+- ``configured_class``: what a backend's ``get_impl_cls`` / ``get_builder_cls`` hand out: qroute's class where
+  this instance configures qroute, vLLM's stock class elsewhere.
 - ``CorpusMerge``: an impl mixin for ``forward_mqa``: the step's metadata checked, the layer's index from its name,
   and the corpus part of every request of the step merged into the own part in one call per layer
   (``CorpusAttention.attend_step``, the connector's worker side).
@@ -22,9 +24,9 @@ from vllm.model_executor.layers.attention.mla_attention import (
 
 from qroute.errors import ConfigError
 from qroute.numerics.attention import Part
-from qroute.plugin.vllm import CorpusAttention, CorpusAttentionProvider
+from qroute.plugin.vllm import CorpusAttention, CorpusAttentionProvider, ensure_active, qroute_configured
 
-__all__ = ["AllRowsAbsorbed", "CorpusMerge", "QRouteDecodeMetadata", "corpus_attention"]
+__all__ = ["AllRowsAbsorbed", "CorpusMerge", "QRouteDecodeMetadata", "configured_class", "corpus_attention"]
 
 
 @dataclass
@@ -62,6 +64,21 @@ class AllRowsAbsorbed:
         )
 
 
+def configured_class(qroute_cls: type, stock_cls: type, *, activate: bool = False) -> type:
+    """``qroute_cls`` where the current vLLM config names qroute (after ``ensure_active`` when ``activate``), else
+    ``stock_cls``. vLLM asks for the impl while it builds the model and for the builder in the worker's
+    ``initialize_from_config``, both under ``set_current_vllm_config``; a capability query outside that context
+    gets the stock class, which has the same capabilities (and qroute's impl refuses stock metadata loudly)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if not qroute_configured(vllm_config):
+        return stock_cls
+    if activate:
+        ensure_active(vllm_config)
+    return qroute_cls
+
+
 def corpus_attention() -> CorpusAttention | None:
     """The connector's worker side, or None (no connector yet, e.g. during vLLM's profiling run)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -75,9 +92,33 @@ def corpus_attention() -> CorpusAttention | None:
 
 
 class CorpusMerge:
-    """Mixin for a qroute MLA impl: what its ``forward_mqa`` does around its own part."""
+    """Mixin for a qroute MLA impl: ``forward_mqa`` for every row, own part (``_own_part``, the backend's) and
+    corpus part merged; returns ``(out in the query dtype, lse float32 natural log)``."""
 
     _layer_index: dict[str, int]
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+
+    def _own_part(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                  attn_metadata: MLACommonMetadata, decode: QRouteDecodeMetadata, layer: object) -> Part:  # fmt: skip
+        """Causal attention of every row over its request's own tokens: ``(out [T, H, R], lse [T, H])`` float32."""
+        raise NotImplementedError
+
+    def forward_mqa(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        kv_c_and_k_pe_cache: torch.Tensor,
+        attn_metadata: MLACommonMetadata,
+        layer: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_nope, q_pe = q if isinstance(q, tuple) else q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        decode = attn_metadata.decode
+        if not isinstance(decode, QRouteDecodeMetadata):
+            raise ConfigError("qroute's attention impl got stock MLA metadata: the QRouteMLAMetadataBuilder is "
+                              "not in use (was get_builder_cls() called outside the instance's vLLM config?)")
+        own = self._own_part(q_nope, q_pe, kv_c_and_k_pe_cache, attn_metadata, decode, layer)
+        out, lse = self._with_corpus(layer, q_nope, q_pe, own)
+        return out.to(q_nope.dtype), lse
 
     def _layer(self, layer: object) -> int:
         if not hasattr(self, "_layer_index"):
@@ -88,14 +129,6 @@ class CorpusMerge:
 
             self._layer_index[name] = extract_layer_index(name)
         return self._layer_index[name]
-
-    @staticmethod
-    def _step_metadata(attn_metadata: MLACommonMetadata) -> QRouteDecodeMetadata:
-        decode = attn_metadata.decode
-        if not isinstance(decode, QRouteDecodeMetadata):
-            raise ConfigError("qroute's attention impl got stock MLA metadata: the QRouteMLAMetadataBuilder is "
-                              "not in use (was get_builder_cls() called outside the instance's vLLM config?)")
-        return decode
 
     def _with_corpus(self, layer: object, q_nope: torch.Tensor, q_pe: torch.Tensor, own: Part) -> Part:
         """Every request's corpus part merged into its rows of ``own`` (one call for the whole step)."""
