@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qroute-installed
+# SGLang pins another torch build than vLLM's CPU build (2.14.1 against 2.13.0), so it gets a venv of its own,
+# git-ignored, with qroute installed editable and without dependencies (for its sglang.srt.plugins entry point).
+SGL_VENV ?= .sgl-venv
+SGL_STAMP := $(SGL_VENV)/.qroute-installed
 
-.PHONY: demo test lint venv clean etcd
+.PHONY: demo test lint venv sglang-venv clean etcd
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +27,14 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+$(SGL_STAMP): pyproject.toml Makefile
+	test -x $(SGL_VENV)/bin/python || $(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_VENV)/bin/pip install --quiet --disable-pip-version-check sglang==0.5.23 openai pytest
+	$(SGL_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(SGL_STAMP)
+
+sglang-venv: $(SGL_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/qroute demo
 
@@ -33,8 +45,8 @@ lint: $(STAMP)
 etcd:
 	command -v etcd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 
-test: lint etcd
+test: lint etcd $(SGL_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""``sglang serve`` instances for qroute's SGLang plugin: the command, the environment and a start that waits.
+
+SGLang lives in a venv of its own (it pins another torch build than vLLM's CPU build): ``.sgl-venv`` at the
+repository root, made by ``make sglang-venv`` (``make test`` makes it), or the interpreter named by
+``QROUTE_SGLANG_PYTHON``. On a machine without CUDA the instance runs SGLang's CPU engine
+(``SGLANG_USE_CPU_ENGINE=1``) with qroute's pure-torch ``sgl_kernel`` stand-in first on its ``PYTHONPATH``
+(``qroute.plugin.sglang_cpu_kernel``; shared/notes/sglang-cpu.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from qroute.errors import ConfigError, QRouteError
+from qroute.ops.cluster import healthy
+from qroute.ops.processes import spawn
+from qroute.plugin.sglang_cpu_kernel import CPU_KERNEL_PATH
+
+__all__ = ["sglang_env", "sglang_python", "sglang_serve_command", "start_sglang", "wait_sglang"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sglang_python() -> Path:
+    """The Python of the SGLang venv (see the module docstring); a clear error where there is none."""
+    named = os.environ.get("QROUTE_SGLANG_PYTHON")
+    python = Path(named) if named else REPO / ".sgl-venv" / "bin" / "python"
+    if not python.exists():
+        raise ConfigError(f"no SGLang environment at {python}: run `make sglang-venv` (or set QROUTE_SGLANG_PYTHON)")
+    return python
+
+
+def sglang_env(*, cpu: bool = True, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    if cpu:
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_KERNEL_PATH), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def sglang_serve_command(model_dir: Path, port: int, *, backend: str, dtype: str = "float32",
+                         max_total_tokens: int = 8192, context_length: int = 4096,
+                         max_running_requests: int = 4, cpu: bool = True) -> list[str]:  # fmt: skip
+    """``sglang serve`` as the notes found it working on CPU (eager, no overlap schedule, no warm-up)."""
+    return [
+        str(sglang_python().parent / "sglang"), "serve", "--model-path", str(model_dir),
+        "--device", "cpu" if cpu else "cuda", "--attention-backend", backend, "--dtype", dtype,
+        "--disable-overlap-schedule", "--skip-server-warmup", "--disable-cuda-graph",
+        "--max-total-tokens", str(max_total_tokens), "--context-length", str(context_length),
+        "--max-running-requests", str(max_running_requests), "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def start_sglang(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start one instance (leader of its own process group: stop it with ``processes.stop_pid``)."""
+    return spawn(command, env, log_path)
+
+
+def wait_sglang(process: subprocess.Popen, port: int, log_path: Path, timeout_s: float = 300.0) -> str:
+    """Wait until the instance answers ``/health``; its ``/v1`` URL. Raises if it exits or takes too long."""
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + timeout_s
+    while not healthy(url):
+        if process.poll() is not None:
+            raise QRouteError(f"sglang serve on port {port} exited with code {process.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise QRouteError(f"sglang serve on port {port} not healthy after {timeout_s:.0f} s; see {log_path}")
+        time.sleep(1.0)
+    return url
