@@ -139,6 +139,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         "qroute.bench.sparse",
         "qroute.bench.soak",
         "qroute.bench.ab",
+        "qroute.bench.sglang",
         "qroute.ops.cluster_cli",
         "qroute.ops.check",
         "qroute.ops.fuzz",
