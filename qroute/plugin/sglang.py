@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from qroute.errors import ConfigError
+from qroute.plugin.install_steps import check_installed, run_steps
 
 __all__ = ["BACKEND_NAME", "CONFIG_ENV", "SGLANG_VERSION", "ensure_active", "load_config", "register"]
 
@@ -62,12 +63,7 @@ def register() -> None:
         _registered = True
         steps = [("start-up check", _install_check), ("version", _check_version), ("backend", _register_backend),
                  ("model dispatch", _register_dispatch)]  # fmt: skip
-        for name, step in steps:
-            try:
-                step()
-            except Exception as exc:  # SGLang only logs a raise; the start-up check reports it instead
-                _failures[name] = f"{type(exc).__name__}: {exc}"
-                logger.warning("qroute: plugin step %r failed (%s); qroute cannot be enabled here", name, exc)
+        run_steps(steps, _failures, logger)  # SGLang only logs a raise: the start-up check reports
 
 
 def _install_check() -> None:
@@ -141,9 +137,7 @@ def ensure_active(decode_backend: str, prefill_backend: str) -> None:
     uses_backend = BACKEND_NAME in (decode_backend, prefill_backend)
     if config is None and not uses_backend:
         return
-    if _failures:
-        detail = "; ".join(f"{k}: {v}" for k, v in sorted(_failures.items()))
-        raise ConfigError(f"qroute is configured but its SGLang plugin failed to install ({detail})")
+    check_installed(_failures, "SGLang")
     if config is not None and decode_backend != BACKEND_NAME:
         raise ConfigError(f"{CONFIG_ENV} is set but the decode attention backend is {decode_backend!r}: pass "
                           f"--attention-backend {BACKEND_NAME} (or --decode-attention-backend {BACKEND_NAME})")

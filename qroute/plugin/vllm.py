@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol
 from vllm.logger import init_logger
 
 from qroute.errors import ConfigError
+from qroute.plugin.install_steps import check_installed, run_steps
 
 if TYPE_CHECKING:
     import torch
@@ -110,12 +111,7 @@ def register() -> None:
         steps = [("connector", _register_connector), ("backend", lambda: _register_backend(current_platform))]
         if current_platform.is_cpu():
             steps.insert(0, ("rope_fix", _apply_rope_fix))
-        for name, step in steps:
-            try:
-                step()
-            except Exception as exc:  # a raise here would crash stock instances too
-                _failures[name] = f"{type(exc).__name__}: {exc}"
-                logger.warning("qroute: plugin step %r failed (%s); qroute cannot be enabled here", name, exc)
+        run_steps(steps, _failures, logger)
 
 
 def _apply_rope_fix() -> None:
@@ -186,9 +182,7 @@ def ensure_active(vllm_config: VllmConfig) -> None:
             "qroute's vLLM plugin did not run in this process; check that `qroute` is installed in this "
             "environment and that VLLM_PLUGINS (if set) includes 'qroute'"
         )
-    if _failures:
-        detail = "; ".join(f"{k}: {v}" for k, v in sorted(_failures.items()))
-        raise ConfigError(f"qroute is configured but its vLLM plugin failed to install ({detail})")
+    check_installed(_failures, "vLLM")
     backend = _check_backend_selection(vllm_config)
     with _lock:
         if not _active_logged:
