@@ -19,13 +19,12 @@ docs/vllm-internals.md (a)), which merges exactly, per row:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from qroute.numerics.attention import Part, partial_attention
+from qroute.numerics.attention import Part
+from qroute.numerics.own_rows import OwnRows, own_parts
 from qroute.plugin.vllm_mla_common import AllRowsAbsorbed, CorpusMerge, QRouteDecodeMetadata, configured_class
 
 __all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "QRouteMLAMetadataBuilder"]
@@ -33,21 +32,6 @@ __all__ = ["QRouteCPUMLABackend", "QRouteCPUMLAImpl", "QRouteDecodeMetadata", "Q
 
 class QRouteMLAMetadataBuilder(AllRowsAbsorbed, MLACommonMetadataBuilder[MLACommonMetadata]):
     """Sends every row, prefill included, down the absorbed (``forward_mqa``) path."""
-
-
-@dataclass(frozen=True)
-class OwnRows:
-    """Where one request's rows and own tokens are this step: the same for every layer (planned once per step).
-
-    Rows ``[start, stop)`` are the request's last ``stop - start`` own tokens; row ``j`` sits at own position
-    ``seq_len - n + j`` and sees own positions up to its own. ``slots``: the paged-cache rows of its ``seq_len``
-    own tokens. A single row sees every own token, so it needs no mask (and gets the fused kernel)."""
-
-    start: int
-    stop: int
-    slots: torch.Tensor
-    q_positions: torch.Tensor | None
-    kv_positions: torch.Tensor | None
 
 
 def own_rows(decode: QRouteDecodeMetadata, block_size: int) -> tuple[OwnRows, ...]:
@@ -61,21 +45,10 @@ def own_rows(decode: QRouteDecodeMetadata, block_size: int) -> tuple[OwnRows, ..
             if b <= a:
                 continue
             positions = torch.arange(seq_lens[r])
-            slots = tables[r][positions // block_size] * block_size + positions % block_size
-            causal = b - a > 1
-            q_positions = torch.arange(seq_lens[r] - (b - a), seq_lens[r]) if causal else None
-            planned.append(OwnRows(a, b, slots, q_positions, positions if causal else None))
+            planned.append(OwnRows.causal(a, b - a, tables[r][positions // block_size] * block_size
+                                          + positions % block_size))  # fmt: skip
         decode.own_plan = tuple(planned)
     return decode.own_plan
-
-
-def own_part(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, rows: OwnRows, scale: float) -> Part:
-    """Causal attention of one request's rows over its own tokens in the paged cache
-    ``kv_cache [num_blocks, block_size, R + P]``: ``(out [n, H, R], lse [n, H])`` float32."""
-    return partial_attention(
-        q_nope, q_pe, kv_cache, rows.slots.to(kv_cache.device), scale, q_nope.shape[-1],
-        q_positions=rows.q_positions, kv_positions=rows.kv_positions,
-    )  # fmt: skip
 
 
 class QRouteCPUMLAImpl(CorpusMerge, CPUMLAImpl):
@@ -83,13 +56,7 @@ class QRouteCPUMLAImpl(CorpusMerge, CPUMLAImpl):
 
     def _own_part(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                   attn_metadata: MLACommonMetadata, decode: QRouteDecodeMetadata, layer: object) -> Part:  # fmt: skip
-        num_tokens, num_heads, _ = q_nope.shape
-        out = torch.empty(num_tokens, num_heads, self.kv_lora_rank, dtype=torch.float32, device=q_nope.device)
-        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q_nope.device)
-        for rows in own_rows(decode, kv_cache.shape[1]):
-            a, b = rows.start, rows.stop
-            out[a:b], lse[a:b] = own_part(q_nope[a:b], q_pe[a:b], kv_cache, rows, self.scale)
-        return out, lse
+        return own_parts(q_nope, q_pe, kv_cache, own_rows(decode, kv_cache.shape[1]), self.scale)
 
 
 class QRouteCPUMLABackend(CPUMLABackend):

@@ -12,6 +12,7 @@ two cannot share a process); not collected on its own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
 
@@ -161,9 +162,14 @@ def test_the_backend_equals_torch_native_attention(loaded, split):
             else:
                 got = mine(q, k, k[..., :R], layer, batch)
             assert got.shape == want.shape == (q.shape[0], H * R)
+            planned = qroute._own_rows(batch)
+            assert planned is qroute._own_rows(batch)  # planned once per forward, for every layer
+            bounds = [0, *itertools.accumulate(n for _, n in lens)]
+            assert [(rows.start, rows.stop) for rows in planned] == list(zip(bounds[:-1], bounds[1:], strict=True))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         # negative control: one wrong own slot moves a row far beyond the tolerance
         table = runner.req_to_token_pool.req_to_token
         table[0, 0] = table[1, 0]
+        qroute.init_forward_metadata(batch)  # the own rows are planned per forward, from the page table
         got = qroute.forward_decode(q, k, k[..., :R], layer, batch, save_kv_cache=False)
         assert (got[0] - want[0]).abs().max() > 1e-3
