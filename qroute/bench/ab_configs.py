@@ -32,13 +32,13 @@ from qroute.ops.cluster import (
     ClusterSpec,
     InstanceInfo,
     engine_env,
-    healthy,
     start_cluster,
     state_dir,
     stop_cluster,
     vllm_serve_command,
     wait_healthy,
 )
+from qroute.ops.http_client import healthy
 from qroute.ops.processes import spawn, stop_pid
 from qroute.ops.procstats import group_peak_rss_mib
 from qroute.ops.scrape import delta, scrape, total

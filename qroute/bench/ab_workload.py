@@ -77,7 +77,7 @@ class SessionResult:
 
 
 def _one(client, prompt: list[int], max_tokens: int, extra: dict, result: SessionResult, t0: float) -> None:
-    from qroute.ops.cluster import token_ids_of
+    from qroute.ops.http_client import token_ids_of
 
     start = time.perf_counter()
     result.started_s = start - t0

@@ -37,12 +37,13 @@ ON_CORPUS = {"qroute": {"corpus": "corpus"}}
 
 
 def _stream_stamps(client, prompt: list[int], params: dict | None, max_tokens: int, start: threading.Barrier,
-                   stamps: list[float]) -> None:
+                   stamps: list[float], params_key: str) -> None:
     """Arrival times of a streamed greedy completion's tokens, appended to ``stamps``; sent once every request's
-    thread is at ``start``."""
+    thread is at ``start``. ``params`` go in the body under ``params_key`` (vLLM: ``kv_transfer_params``, SGLang:
+    ``custom_params``)."""
     extra: dict[str, Any] = {"min_tokens": max_tokens, "ignore_eos": True}
     if params:
-        extra["kv_transfer_params"] = params
+        extra[params_key] = params
     start.wait()
     stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                                        stream=True, extra_body=extra)  # fmt: skip
@@ -59,8 +60,8 @@ def steady_gaps(runs: list[list[float]]) -> list[float]:
     return [b - a for stamps in runs for a, b in zip(stamps, stamps[1:], strict=False) if a >= begin and b <= end]
 
 
-def stream_together(url: str, prompts: list[list[int]], params: dict | None,
-                    max_tokens: int = MAX_TOKENS) -> list[list[float]]:
+def stream_together(url: str, prompts: list[list[int]], params: dict | None, max_tokens: int = MAX_TOKENS,
+                    params_key: str = "kv_transfer_params") -> list[list[float]]:
     """One streamed completion per prompt, started together: each one's token arrival times."""
     from openai import OpenAI
 
@@ -69,7 +70,8 @@ def stream_together(url: str, prompts: list[list[int]], params: dict | None,
     clients = [OpenAI(base_url=url, api_key="qroute-bench") for _ in prompts]
     start = threading.Barrier(len(prompts))
     runs: list[list[float]] = [[] for _ in prompts]
-    threads = [threading.Thread(target=_stream_stamps, args=(clients[k], prompt, params, max_tokens, start, runs[k]))
+    threads = [threading.Thread(target=_stream_stamps, args=(clients[k], prompt, params, max_tokens, start, runs[k],
+                                                             params_key))
                for k, prompt in enumerate(prompts)]  # fmt: skip
     for thread in threads:
         thread.start()
@@ -81,12 +83,12 @@ def stream_together(url: str, prompts: list[list[int]], params: dict | None,
 
 
 def tpot_ms(url: str, prompts: list[list[int]], params: dict | None, unsteady: list[int],
-            max_tokens: int = MAX_TOKENS) -> float:
+            max_tokens: int = MAX_TOKENS, params_key: str = "kv_transfer_params") -> float:
     """Mean steady-state gap in ms of the prompts streamed together. A run in which the requests never all decoded
     at once (one started after another ended: on 2 busy cores a request's start can slip by half a second) is run
     again, and its concurrency appended to ``unsteady``."""
     for _ in range(1 + UNSTEADY_RETRIES):
-        gaps = steady_gaps(stream_together(url, prompts, params, max_tokens))
+        gaps = steady_gaps(stream_together(url, prompts, params, max_tokens, params_key))
         if len(gaps) >= len(prompts) * 4:
             return statistics.mean(gaps) * 1e3
         unsteady.append(len(prompts))

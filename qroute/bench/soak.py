@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qroute.ops.cluster import CLUSTER_TRANSPORTS, ClusterSpec, ClusterState, start_cluster, stop_cluster, token_ids_of
+from qroute.ops.cluster import CLUSTER_TRANSPORTS, ClusterSpec, ClusterState, start_cluster, stop_cluster
+from qroute.ops.http_client import token_ids_of
 from qroute.ops.procstats import group_usage
 from qroute.ops.scrape import scrape
 

@@ -34,7 +34,8 @@ from typing import Any
 
 from qroute.bench.decode import scoped_env, tpot_ms
 from qroute.dataplane.decisionlog import DECISION_LOG_ENV, read_decision_log
-from qroute.ops.cluster import STATE_ENV, ClusterSpec, completion, start_cluster, state_dir, stop_cluster
+from qroute.ops.cluster import STATE_ENV, ClusterSpec, start_cluster, state_dir, stop_cluster
+from qroute.ops.http_client import completion
 
 TOPK = (1, 4, 16, 64)
 MODES = ("route", "fetch", "auto")

@@ -18,43 +18,9 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from qroute.core.config import Selection
+from qroute.dataplane.step import COUNTERS, RequestStep, StepReport
 
 __all__ = ["COUNTERS", "QRouteStepMeta", "QRouteWorkerMeta", "RequestStep", "computed_block", "first_slot", "map_rows"]
-
-# Per request and step: owner-layer operations by kind, bytes moved for it (its rows' share of a shared message),
-# and how many of its operations also served other requests of the same step (one message for all of them).
-COUNTERS = ("route", "fetch", "local", "bytes_moved", "shared")
-
-
-@dataclass(frozen=True)
-class RequestStep:
-    """One request's corpus work in one step.
-
-    ``visible_tokens``: corpus tokens ``[0, visible_tokens)`` its rows attend to (all ``N`` for a user
-    request, ``chunk.start`` for a corpus-prefill request). ``position_shift``: corpus tokens in front of
-    its own tokens (``N``, or ``chunk.start``); own token ``i`` sits at corpus position ``shift + i``.
-    ``first_pos``: own position of the first scheduled token (vLLM's ``num_computed_tokens``).
-    ``store_chunk``: corpus chunk whose latent rows this request's rows are (prefill), else None.
-    ``computed_block``: paged-cache block holding the request's last computed token (own position
-    ``first_pos - 1``), None on its first step or when failures are not reported (``kv_load_failure_policy``
-    "recompute"). ``failed``: the request's corpus attention already failed; the worker only reports
-    ``computed_block`` as a load error, which makes vLLM finish the request with FINISHED_ERROR.
-    ``owner_modes``: (owner, mode) pairs deciding that owner's blocks instead of ``mode``. ``selection``: which
-    corpus blocks it attends to (a corpus prefill always attends densely: its rows must be exact).
-    """
-
-    req_id: str
-    corpus: str
-    mode: str
-    visible_tokens: int
-    position_shift: int
-    first_pos: int
-    store_chunk: int | None = None
-    computed_block: int | None = None
-    failed: bool = False
-    owner_modes: tuple[tuple[str, str], ...] = ()  # the request's per-owner overrides of ``mode``
-    selection: Selection = Selection()
 
 
 @dataclass
@@ -63,29 +29,8 @@ class QRouteStepMeta(KVConnectorMetadata):
 
 
 @dataclass
-class QRouteWorkerMeta(KVConnectorWorkerMetadata):
-    counts: dict[str, list[int]] = field(default_factory=dict)  # req_id -> COUNTERS
-    stored: dict[str, int] = field(default_factory=dict)  # req_id -> corpus chunk fully stored this step
-    errors: dict[str, str] = field(default_factory=dict)  # req_id -> first error
-
-    def add(self, req_id: str, deltas: Sequence[int]) -> None:
-        row = self.counts.setdefault(req_id, [0] * len(COUNTERS))
-        for i, delta in enumerate(deltas):
-            row[i] += delta
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> QRouteWorkerMeta:
-        # Several workers (tensor parallel ranks) each report their own operations: sums.
-        assert isinstance(other, QRouteWorkerMeta)
-        merged = QRouteWorkerMeta({k: list(v) for k, v in self.counts.items()}, dict(self.stored), dict(self.errors))
-        for req_id, row in other.counts.items():
-            merged.add(req_id, row)
-        merged.stored.update(other.stored)
-        for req_id, error in other.errors.items():
-            merged.errors.setdefault(req_id, error)
-        return merged
-
-    def __bool__(self) -> bool:
-        return bool(self.counts or self.stored or self.errors)
+class QRouteWorkerMeta(StepReport, KVConnectorWorkerMetadata):
+    """The worker's ``StepReport``, as vLLM carries it to the scheduler (``aggregate``: tensor-parallel ranks)."""
 
 
 def computed_block(block_ids: Sequence[int], num_computed_tokens: int, block_size: int) -> int | None:

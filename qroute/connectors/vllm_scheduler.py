@@ -36,7 +36,7 @@ from qroute.connectors.vllm_meta import (
     first_slot,
 )
 from qroute.core.config import QRouteConfig, Selection, parse_request_params
-from qroute.core.placement import CorpusDirectory
+from qroute.core.placement import CorpusDirectory, prefill_problem
 from qroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -116,20 +116,9 @@ class QRouteSchedulerSide:
         if state.corpus is None or params.prefill_chunk is None:
             return state
         state.prefill_chunk = params.prefill_chunk
-        state.error = self._check_prefill(request, params.prefill_chunk)
+        state.error = prefill_problem(self.directory, self.tokens, self.config.instance_id, params.prefill_chunk,
+                                      request.prompt_token_ids or ())
         return self._refuse(state, state.error) if state.error else state
-
-    def _check_prefill(self, request: Request, chunk: int) -> str | None:
-        d = self.directory
-        if not 0 <= chunk < len(d.chunks):
-            return f"prefill_chunk {chunk!r} is not a chunk of corpus {d.name!r} (0..{len(d.chunks) - 1})"
-        entry = d.chunks[chunk]
-        if self.config.instance_id not in entry.owners:
-            return f"instance {self.config.instance_id!r} does not own chunk {chunk} (owners {list(entry.owners)})"
-        expected = self.tokens[entry.start : entry.end].tolist()
-        if list(request.prompt_token_ids or ()) != expected:
-            return f"the prompt is not the token ids of chunk {chunk} ({entry.end - entry.start} tokens expected)"
-        return None
 
     def _refuse(self, state: RequestState, error: str) -> RequestState:
         logger.warning("qroute: request gets no corpus attention: %s", error)
@@ -173,17 +162,10 @@ class QRouteSchedulerSide:
                 meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, 0, 0, num_computed,
                                                   computed_block=block, failed=True)  # fmt: skip
             return
-        d = self.directory
-        selection = state.selection
-        if state.prefill_chunk is None:
-            visible, shift, store = d.num_tokens, d.num_tokens, None
-        else:
-            start = d.chunks[state.prefill_chunk].start
-            visible, shift, store = start, start, state.prefill_chunk
-            selection = Selection()  # a corpus prefill attends densely: the rows it stores must be exact
-        meta.requests[slot] = RequestStep(req_id, state.corpus, state.mode, visible, shift, num_computed, store,
-                                          computed_block=block, owner_modes=state.owner_modes,
-                                          selection=selection)  # fmt: skip
+        meta.requests[slot] = RequestStep.attending(self.directory, req_id, state.corpus, state.mode, num_computed,
+                                                    prefill_chunk=state.prefill_chunk, computed_block=block,
+                                                    owner_modes=state.owner_modes,
+                                                    selection=state.selection)  # fmt: skip
 
     def update_connector_output(self, worker_meta: object) -> None:
         if not isinstance(worker_meta, QRouteWorkerMeta):

@@ -259,3 +259,18 @@ def build_directory(
         instances=insts,
         chunks=chunks,
     )
+
+
+def prefill_problem(directory: CorpusDirectory, tokens: np.ndarray, instance: str, chunk: int,
+                    prompt: Sequence[int]) -> str | None:  # fmt: skip
+    """Why ``instance`` must not store ``prompt`` as corpus chunk ``chunk``, or None: the chunk must exist, be
+    ``instance``'s, and ``prompt`` must be exactly its token ids (``tokens``: the whole corpus)."""
+    d = directory
+    if not 0 <= chunk < len(d.chunks):
+        return f"prefill_chunk {chunk!r} is not a chunk of corpus {d.name!r} (0..{len(d.chunks) - 1})"
+    entry = d.chunks[chunk]
+    if instance not in entry.owners:
+        return f"instance {instance!r} does not own chunk {chunk} (owners {list(entry.owners)})"
+    if list(prompt) != tokens[entry.start : entry.end].tolist():
+        return f"the prompt is not the token ids of chunk {chunk} ({entry.end - entry.start} tokens expected)"
+    return None

@@ -28,16 +28,8 @@ from typing import Any
 
 from qroute.core.config import COMPARED_MODES, Mode, group_mode
 from qroute.errors import QRouteError
-from qroute.ops.cluster import (
-    CLUSTER_TRANSPORTS,
-    ClusterSpec,
-    completion,
-    http_json,
-    link_choices,
-    start_cluster,
-    stop_cluster,
-    token_ids_of,
-)
+from qroute.ops.cluster import CLUSTER_TRANSPORTS, ClusterSpec, link_choices, start_cluster, stop_cluster
+from qroute.ops.http_client import completion, http_json, token_ids_of
 from qroute.ops.scrape import Samples, delta, scrape, total, wait_for
 
 QUESTION = "Which function computes the area of a circle, and what does it return?"

@@ -17,21 +17,21 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qroute.errors import ConfigError, QRouteError
-from qroute.ops import netns
+from qroute.ops import netns, sglang_serve
 from qroute.ops.etcd_server import start_etcd
+from qroute.ops.http_client import completion, healthy
 from qroute.ops.processes import pid_alive, spawn, stop_pid
 
 STATE_ENV = "QROUTE_STATE_DIR"
 SECRET_ENV = "QROUTE_SECRET"
 NIXL_AND_TCP = "nixl+tcp"  # a cluster transport: both at once (ClusterSpec.owner_addresses)
 CLUSTER_TRANSPORTS = ("tcp", "nixl", NIXL_AND_TCP)
+CLUSTER_ENGINES = ("vllm", "sglang")
 START_TIMEOUT_S = 420.0  # two instances starting side by side on 2 cores take 60-90 s; leave room
 
 
@@ -126,30 +126,6 @@ def link_choices(log_path: str | Path) -> dict[str, dict[str, Any]]:
 # -- HTTP -----------------------------------------------------------------------------------------------
 
 
-def http_json(url: str, body: dict[str, Any] | None = None, timeout_s: float = 120.0) -> tuple[int, dict]:
-    """POST ``body`` (or GET) and return (status, JSON body); HTTP errors are returned, not raised."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else {}
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, {"error": raw.decode(errors="replace")}
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=2.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def wait_healthy(instances: list[InstanceInfo], processes: list[subprocess.Popen], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = dict(zip([i.instance_id for i in instances], zip(instances, processes, strict=True), strict=True))
@@ -164,34 +140,6 @@ def wait_healthy(instances: list[InstanceInfo], processes: list[subprocess.Popen
         if pending and time.monotonic() > deadline:
             raise QRouteError(f"instances {sorted(pending)} not healthy after {timeout_s:.0f} s; see their logs")
         time.sleep(1.0)
-
-
-def token_ids_of(tokens: list[str]) -> list[int]:
-    """Token ids of an OpenAI response's logprob tokens under ``return_tokens_as_token_ids`` ("token_id:<id>")."""
-    return [int(t.rsplit(":", 1)[1]) for t in tokens]
-
-
-def completion(
-    url: str,
-    prompt: list[int],
-    *,
-    max_tokens: int,
-    kv_transfer_params: dict | None = None,
-    logprobs: bool = False,
-    extra: dict | None = None,
-    timeout_s: float = 300.0,
-) -> dict:
-    """A greedy /v1/completions call with a token-id prompt; raises QRouteError on an HTTP error."""
-    body: dict[str, Any] = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
-    if logprobs:
-        body["logprobs"] = 1
-    if kv_transfer_params is not None:
-        body["kv_transfer_params"] = kv_transfer_params
-    body.update(extra or {})
-    status, reply = http_json(url + "/completions", body, timeout_s)
-    if status != 200:
-        raise QRouteError(f"{url} answered HTTP {status}: {reply}")
-    return reply
 
 
 # -- the cluster ----------------------------------------------------------------------------------------
@@ -216,8 +164,15 @@ class ClusterSpec:
     topk: int = 0
     netns: bool = False  # each instance in a network namespace of its own, as separate hosts (``qroute.ops.netns``)
     etcd: bool = False  # membership through an etcd started with the cluster: instances may join and leave later
+    engine: str = "vllm"  # "sglang": `sglang serve` instances with qroute's SGLang plugin (docs/sglang.md)
 
     def __post_init__(self) -> None:
+        if self.engine not in CLUSTER_ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(CLUSTER_ENGINES)}, got {self.engine!r}")
+        if self.engine == "sglang" and (self.etcd or self.netns or self.transport != "tcp" or self.selector != "dense"
+                                        or self.corpus_dir is None):  # fmt: skip
+            raise ConfigError("an SGLang cluster has a corpus, dense selection over TCP on loopback (no --etcd, "
+                              "--netns, NIXL or summary selection on SGLang yet)")
         if self.etcd and (self.netns or self.corpus_dir is None):
             raise ConfigError("--etcd needs a corpus and runs on loopback (not with --netns)")
         if self.num_instances < 1:
@@ -292,10 +247,7 @@ def connector_config(spec: ClusterSpec, k: int) -> dict[str, Any]:
     }
 
 
-def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.Popen, InstanceInfo]:
-    """Start instance ``k`` of ``spec`` (its own process group, log under the state directory); not waited for.
-    ``k`` past the spec's instances: one that joins through etcd."""
-    name = f"i{k}"
+def _vllm_instance(spec: ClusterSpec, k: int, secret: str, host: str) -> tuple[list[str], dict[str, str]]:
     extra: list[str] = []
     env = engine_env(k)
     if spec.corpus_dir is not None:
@@ -303,14 +255,30 @@ def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.P
                  "--logits-processors", "qroute.plugin.vllm_validate:CorpusValidator",
                  "--middleware", "qroute.plugin.vllm_http.CorpusErrorMiddleware"]  # fmt: skip
         env[SECRET_ENV] = secret
-    log_path = state_dir() / "logs" / f"{name}.log"
     for flag, value in (("--num-gpu-blocks-override", spec.kv_blocks), ("--max-num-seqs", spec.max_num_seqs),
                         ("--max-num-batched-tokens", spec.max_num_batched_tokens)):  # fmt: skip
         extra += [flag, str(value)] if value else []  # after the defaults of vllm_serve_command: the last one holds
-    host = spec.host(k)
     cmd = vllm_serve_command(spec.model_dir, spec.http_port(k), max_model_len=spec.max_model_len, extra=extra,
                              host=host)  # fmt: skip
-    process = spawn(netns.exec_prefix(name) + cmd if spec.netns else cmd, env, log_path)
+    return (netns.exec_prefix(f"i{k}") + cmd if spec.netns else cmd), env
+
+
+def _sglang_instance(spec: ClusterSpec, k: int, secret: str, host: str) -> tuple[list[str], dict[str, str]]:
+    return sglang_serve.qroute_instance(
+        spec.model_dir, spec.http_port(k), host=host, context_length=spec.max_model_len,
+        qroute_config=connector_config(spec, k)["kv_connector_extra_config"],
+        config_path=state_dir() / f"i{k}-qroute.json", secret_env=SECRET_ENV, secret=secret,
+    )  # fmt: skip
+
+
+def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.Popen, InstanceInfo]:
+    """Start instance ``k`` of ``spec`` (its own process group, log under the state directory); not waited for.
+    ``k`` past the spec's instances: one that joins through etcd."""
+    name = f"i{k}"
+    log_path = state_dir() / "logs" / f"{name}.log"
+    host = spec.host(k)
+    cmd, env = (_sglang_instance if spec.engine == "sglang" else _vllm_instance)(spec, k, secret, host)
+    process = spawn(cmd, env, log_path)
     info = InstanceInfo(instance_id=name, url=f"http://{host}:{spec.http_port(k)}/v1", pid=process.pid,
                         owner_address=f"{host}:{spec.owner_port(k)}" if spec.corpus_dir else "",
                         log=str(log_path))  # fmt: skip
@@ -343,7 +311,7 @@ def start_cluster(spec: ClusterSpec, *, log=print, secret: str | None = None) ->
             processes.append(process)
             state.instances.append(info)
         state.save()
-        log(f"qroute: starting {spec.num_instances} vllm serve instance(s); logs in {state_dir() / 'logs'}")
+        log(f"qroute: starting {spec.num_instances} {spec.engine} serve instance(s); logs in {state_dir() / 'logs'}")
         wait_healthy(state.instances, processes, START_TIMEOUT_S)
         if spec.corpus_dir is not None:
             token_ids, directory = place_model_corpus(
@@ -372,14 +340,18 @@ def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *,
     only, e.g. one started again with an empty store). A chunk that an owner reports as not stored (or with an
     error) raises ``QRouteError``: never a silently missing chunk."""
     urls = {i.instance_id: i.url for i in state.instances}
+    sglang = state.spec.get("engine") == "sglang"
     start = time.monotonic()
     for chunk in directory.chunks:
         for owner in chunk.owners if only is None else [o for o in chunk.owners if o == only]:
             params = {"qroute": {"corpus": directory.name, "prefill_chunk": chunk.chunk_id}}
             where = f"prefill of chunk {chunk.chunk_id} of corpus {directory.name!r} on {owner!r}"
+            prompt = token_ids[chunk.start : chunk.end]
             try:  # an instance with qroute's middleware answers a refused prefill (max_tokens=1) with HTTP 500
-                reply = completion(urls[owner], token_ids[chunk.start : chunk.end], max_tokens=1,
-                                   kv_transfer_params=params)  # fmt: skip
+                if sglang:  # qroute's SGLang plugin aborts a prefill it refuses or cannot store: HTTP 400 / 500
+                    completion(urls[owner], prompt, max_tokens=1, extra={"custom_params": params})
+                    continue
+                reply = completion(urls[owner], prompt, max_tokens=1, kv_transfer_params=params)
             except QRouteError as exc:
                 raise QRouteError(f"{where} was not stored: {exc}") from None
             report = (reply.get("kv_transfer_params") or {}).get("qroute") or {}

@@ -10,18 +10,19 @@ from pathlib import Path
 
 from qroute.errors import ConfigError
 from qroute.ops.cluster import (
+    CLUSTER_ENGINES,
     CLUSTER_TRANSPORTS,
     SECRET_ENV,
     ClusterSpec,
     ClusterState,
     InstanceInfo,
-    healthy,
     prefill_corpus_http,
     spec_of,
     start_cluster,
     state_dir,
     stop_cluster,
 )
+from qroute.ops.http_client import healthy
 from qroute.ops.processes import pid_alive
 from qroute.ops.scrape import scrape, total
 
@@ -49,6 +50,7 @@ def _up(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         netns=args.netns,
         etcd=args.etcd,
+        engine=args.engine,
     )
     # the cluster's shared secret, in memory only: QROUTE_SECRET's if set (`qroute join` needs the same one)
     secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
@@ -174,7 +176,9 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    up = sub.add_parser("up", help="start N vllm serve instances on loopback sharing a corpus")
+    up = sub.add_parser("up", help="start N vllm (or sglang) serve instances on loopback sharing a corpus")
+    up.add_argument("--engine", choices=CLUSTER_ENGINES, default="vllm",
+                    help="sglang: `sglang serve` instances with qroute's SGLang plugin (its venv: make sglang-venv)")
     up.add_argument("--instances", type=int, default=2)
     up.add_argument("--corpus", required=True, help="corpus directory (a codebase)")
     up.add_argument("--corpus-name", default="corpus")

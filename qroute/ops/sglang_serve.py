@@ -9,17 +9,18 @@ repository root, made by ``make sglang-venv`` (``make test`` makes it), or the i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
 from qroute.errors import ConfigError, QRouteError
-from qroute.ops.cluster import healthy
+from qroute.ops.http_client import healthy
 from qroute.ops.processes import spawn
 from qroute.plugin.sglang_cpu_kernel import CPU_KERNEL_PATH
 
-__all__ = ["sglang_env", "sglang_python", "sglang_serve_command", "start_sglang", "wait_sglang"]
+__all__ = ["qroute_instance", "sglang_env", "sglang_python", "sglang_serve_command", "start_sglang", "wait_sglang"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,16 +44,31 @@ def sglang_env(*, cpu: bool = True, **extra: str) -> dict[str, str]:
 
 def sglang_serve_command(model_dir: Path, port: int, *, backend: str, dtype: str = "float32",
                          max_total_tokens: int = 8192, context_length: int = 4096,
-                         max_running_requests: int = 4, cpu: bool = True) -> list[str]:  # fmt: skip
-    """``sglang serve`` as the notes found it working on CPU (eager, no overlap schedule, no warm-up)."""
+                         max_running_requests: int = 4, cpu: bool = True, host: str = "127.0.0.1",
+                         extra: list[str] | None = None) -> list[str]:  # fmt: skip
+    """``sglang serve`` as the notes found it working on CPU (eager, no overlap schedule, no warm-up); ``extra``
+    last (argparse: the last of a repeated flag holds)."""
     return [
         str(sglang_python().parent / "sglang"), "serve", "--model-path", str(model_dir),
         "--device", "cpu" if cpu else "cuda", "--attention-backend", backend, "--dtype", dtype,
         "--disable-overlap-schedule", "--skip-server-warmup", "--disable-cuda-graph",
         "--max-total-tokens", str(max_total_tokens), "--context-length", str(context_length),
         "--max-running-requests", str(max_running_requests), "--served-model-name", "tiny",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port), *(extra or []),
     ]  # fmt: skip
+
+
+def qroute_instance(model_dir: Path, port: int, *, host: str, context_length: int, qroute_config: dict,
+                    config_path: Path, secret_env: str, secret: str) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of one ``sglang serve`` instance that attends to a shared corpus: ``qroute_config``
+    (the vLLM connector's ``kv_connector_extra_config`` keys) written to ``config_path`` for ``QROUTE_SGLANG_CONFIG``,
+    ``--attention-backend qroute`` for every forward, no radix cache (what the plugin's start-up check demands)."""
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(qroute_config, indent=2))
+    command = sglang_serve_command(model_dir, port, backend="qroute", context_length=context_length, host=host,
+                                   max_total_tokens=max(8192, 2 * context_length),
+                                   extra=["--disable-radix-cache"])  # fmt: skip
+    return command, sglang_env(QROUTE_SGLANG_CONFIG=str(config_path), **{secret_env: secret})
 
 
 def start_sglang(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

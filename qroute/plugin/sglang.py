@@ -29,6 +29,7 @@ with ``--attention-backend qroute`` or ``--decode-attention-backend qroute``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -49,6 +50,9 @@ SGLANG_VERSION = "0.5.23"
 _CHECK_TARGET = ("sglang.srt.model_executor.model_runner_components.attention_backend_setup."
                  "build_attention_backends")  # fmt: skip
 
+_INIT_NEW_TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+_FINISH_TARGET = "sglang.srt.managers.schedule_batch.Req.update_finish_state"
+
 _lock = threading.Lock()
 _registered = False
 _failures: dict[str, str] = {}
@@ -62,7 +66,7 @@ def register() -> None:
             return
         _registered = True
         steps = [("start-up check", _install_check), ("version", _check_version), ("backend", _register_backend),
-                 ("model dispatch", _register_dispatch)]  # fmt: skip
+                 ("model dispatch", _register_dispatch), ("request hooks", _install_request_hooks)]  # fmt: skip
         run_steps(steps, _failures, logger)  # SGLang only logs a raise: the start-up check reports
 
 
@@ -70,6 +74,17 @@ def _install_check() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(_CHECK_TARGET, _check_before_backends, HookType.BEFORE)
+
+
+def _install_request_hooks() -> None:
+    """What the corpus side needs of SGLang's requests (``qroute.plugin.sglang_corpus``): a forward batch's ``Req``
+    objects, and when each finishes. Both hooks do nothing where no corpus is configured."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from qroute.plugin.sglang_corpus import keep_requests, request_finished
+
+    HookRegistry.register(_INIT_NEW_TARGET, keep_requests, HookType.AFTER)
+    HookRegistry.register(_FINISH_TARGET, request_finished, HookType.AFTER)
 
 
 def _check_version() -> None:
@@ -93,10 +108,13 @@ def _create_backend(runner: Any) -> Any:
 
     if not runner.use_mla_backend:
         raise ConfigError("qroute's SGLang backend serves MLA models only (DeepSeek-V2/V3 family)")
+    backend = QRouteSGLangBackend(runner, load_config())
     # logged here, not in register(): SGLang configures its logging after it loads plugins
-    logger.info("qroute active: attention backend %r (sglang %s, own part in torch, no corpus)", BACKEND_NAME,
-                SGLANG_VERSION)  # fmt: skip
-    return QRouteSGLangBackend(runner)
+    corpus = backend.corpus
+    logger.info("qroute active: attention backend %r (sglang %s, own part in torch, %s)", BACKEND_NAME,
+                SGLANG_VERSION, f"corpus {corpus.directory.name!r}, instance {corpus.config.instance_id!r}"
+                if corpus is not None else "no corpus")  # fmt: skip
+    return backend
 
 
 def _absorbed_mla(attn: Any, forward_batch: Any) -> Any:
@@ -131,22 +149,40 @@ def load_config() -> Any | None:
     return QRouteConfig.from_extra_config(extra)
 
 
-def ensure_active(decode_backend: str, prefill_backend: str) -> None:
-    """Raise ``ConfigError`` unless this instance can run qroute as configured (a no-op where it is not)."""
+def ensure_active(decode_backend: str, prefill_backend: str, server_args: Any = None) -> None:
+    """Raise ``ConfigError`` unless this instance can run qroute as configured (a no-op where it is not).
+    ``server_args``: SGLang's, for what a configured instance needs of the engine (None: not checked)."""
     config = load_config()
     uses_backend = BACKEND_NAME in (decode_backend, prefill_backend)
     if config is None and not uses_backend:
         return
     check_installed(_failures, "SGLang")
-    if config is not None and decode_backend != BACKEND_NAME:
-        raise ConfigError(f"{CONFIG_ENV} is set but the decode attention backend is {decode_backend!r}: pass "
-                          f"--attention-backend {BACKEND_NAME} (or --decode-attention-backend {BACKEND_NAME})")
-    if config is not None:
-        raise ConfigError("qroute on SGLang does not attend to a shared corpus yet (issue 13): the backend runs "
-                          f"only without {CONFIG_ENV}, as exact single-instance attention")  # fmt: skip
+    if config is None:
+        return
+    if BACKEND_NAME not in (decode_backend, prefill_backend) or decode_backend != prefill_backend:
+        raise ConfigError(f"{CONFIG_ENV} is set but the attention backends are {prefill_backend!r} (prefill) and "
+                          f"{decode_backend!r} (decode): pass --attention-backend {BACKEND_NAME}, so that every "
+                          "forward, prefill included, attends to the corpus")  # fmt: skip
+    if config.etcd is not None:
+        raise ConfigError("qroute on SGLang has no etcd membership yet: drop 'etcd' from the config (a fixed "
+                          "'instances' map)")  # fmt: skip
+    transports = {config.transport, *(t for i in config.instance_ids for t in config.endpoints(i))}
+    if "nixl" in transports and importlib.util.find_spec("nixl") is None:
+        raise ConfigError("the config names the NIXL transport but this SGLang environment has no 'nixl' package: "
+                          "use transport 'tcp', or install nixl into it")  # fmt: skip
+    if server_args is None:
+        return
+    if not server_args.disable_radix_cache:
+        # A request's own KV depends on the corpus it attended to: a prefix cached by another request (or a corpus
+        # prefill of the same tokens) would be reused wrongly. vLLM's CPU platform never prefix-caches MLA.
+        raise ConfigError(f"{CONFIG_ENV} is set: start SGLang with --disable-radix-cache (own KV rows depend on the "
+                          "corpus a request attended to, so prefixes cannot be shared across requests yet)")
+    if server_args.tp_size != 1 or server_args.dp_size != 1:
+        raise ConfigError("qroute on SGLang supports --tp-size 1 and --dp-size 1 only (owners hold all heads)")
 
 
 def _check_before_backends(*args: Any, model_runner: Any = None, **kwargs: Any) -> None:
     runner = model_runner if model_runner is not None else (args[0] if args else None)
-    ensure_active(str(runner.decode_attention_backend_str), str(runner.prefill_attention_backend_str))
+    ensure_active(str(runner.decode_attention_backend_str), str(runner.prefill_attention_backend_str),
+                  runner.server_args)
     return None

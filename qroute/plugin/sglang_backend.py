@@ -6,10 +6,11 @@ the new tokens' latent rows (``k`` = ``k_nope``, ``k_rope``), because the plugin
 forward it writes the new rows into the ``MLATokenToKVPool`` as the torch-native backend does, then computes each
 request's own part with qroute's ``own_parts`` (causal, natural-log LSE) over the request's slots in
 ``req_to_token``, planned once per forward for every layer: the part that merges exactly with corpus parts from
-other instances. Returns the latent output ``[T, H * R]`` in the query's dtype, as the stock backend does.
+other instances. Where the instance configures a corpus (``QROUTE_SGLANG_CONFIG``), each layer then stores a
+corpus prefill's new rows and merges every request's corpus part into its own (``qroute.plugin.sglang_corpus``).
+Returns the latent output ``[T, H * R]`` in the query's dtype, as the stock backend does.
 
-Not built yet (issue 13): the corpus part (placement, prefill and the owner service over the pool, the router and
-its merge), the DSA indexer's metadata; the plugin refuses a configured instance until then.
+Not built yet (issue 13): the DSA indexer's metadata (DeepSeek-V3.2's sparse selection on SGLang).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from qroute.core.config import QRouteConfig
 from qroute.numerics.own_rows import OwnRows, own_parts
+from qroute.plugin.sglang_corpus import SGLangCorpus, corpus_for
 
 __all__ = ["QRouteSGLangBackend"]
 
@@ -28,14 +31,17 @@ __all__ = ["QRouteSGLangBackend"]
 class QRouteSGLangBackend(TorchNativeAttnBackend):
     """The torch-native backend's KV writes, qroute's own part (see the module docstring)."""
 
-    def __init__(self, model_runner: Any) -> None:
+    def __init__(self, model_runner: Any, config: QRouteConfig | None = None) -> None:
         super().__init__(model_runner)
         self._planned: tuple[Any, tuple[OwnRows, ...]] | None = None  # (forward batch, its requests' OwnRows)
+        self.corpus: SGLangCorpus | None = corpus_for(config, model_runner) if config is not None else None
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         self._planned = None  # a new forward: its page table may have changed since the last
         self._own_rows(forward_batch)
+        if self.corpus is not None:
+            self.corpus.plan(forward_batch)
 
     def _own_rows(self, forward_batch: Any) -> tuple[OwnRows, ...]:
         """Every request's ``OwnRows`` of this forward, planned once (``init_forward_metadata``) for all layers."""
@@ -73,5 +79,11 @@ class QRouteSGLangBackend(TorchNativeAttnBackend):
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc),
                                                 k, v)  # fmt: skip
         cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)  # [slots, 1, R + P]: paged with pages of 1
-        out, _lse = own_parts(q[..., :rank], q[..., rank:], cache, self._own_rows(forward_batch), layer.scaling)
-        return out.to(q.dtype).reshape(-1, heads * rank)
+        q_nope, q_pe = q[..., :rank], q[..., rank:]
+        own = own_parts(q_nope, q_pe, cache, self._own_rows(forward_batch), layer.scaling)
+        if self.corpus is not None:
+            self.corpus.store(layer.layer_id, cache)
+            own = self.corpus.attend(layer.layer_id, q_nope, q_pe, own)
+            if layer.layer_id == self.corpus.num_layers - 1:
+                self.corpus.end_forward()
+        return own[0].to(q.dtype).reshape(-1, heads * rank)

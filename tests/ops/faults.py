@@ -83,7 +83,7 @@ def streamed_answers(url: str, mode: str, max_tokens: int, decoding: threading.E
     whose ``results`` attribute (a list of futures, in prompt order) gives each stream's token ids."""
     from openai import OpenAI
 
-    from qroute.ops.cluster import token_ids_of
+    from qroute.ops.http_client import token_ids_of
 
     started = threading.Barrier(len(PROMPTS), action=decoding.set)
 

@@ -16,8 +16,9 @@ import pytest
 from qroute.core.corpus import place_model_corpus
 from qroute.errors import QRouteError
 from qroute.ops.check import TOLERANCE
-from qroute.ops.cluster import ClusterSpec, prefill_corpus_http, start_cluster, stop_cluster, token_ids_of
+from qroute.ops.cluster import ClusterSpec, prefill_corpus_http, start_cluster, stop_cluster
 from qroute.ops.demo_core import question_ids
+from qroute.ops.http_client import token_ids_of
 
 QUESTIONS = [
     "Which function computes the area of a circle?",

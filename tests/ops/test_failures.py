@@ -52,7 +52,7 @@ def test_a_one_token_stream_is_answered_as_a_stream(cluster):
 
 @pytest.fixture(scope="module")
 def owner_killed(cluster):
-    from qroute.ops.cluster import completion
+    from qroute.ops.http_client import completion
     from qroute.ops.processes import stop_pid
 
     i0, i1 = cluster.instances
@@ -63,7 +63,7 @@ def owner_killed(cluster):
 
 
 def test_unreachable_owner_fails_the_request_and_the_instance_keeps_serving(owner_killed):
-    from qroute.ops.cluster import http_json
+    from qroute.ops.http_client import http_json
 
     i0 = owner_killed.instances[0]
     status, reply = http_json(i0.url + "/completions", ROUTED, timeout_s=120.0)
@@ -77,7 +77,7 @@ def test_unreachable_owner_fails_the_request_and_the_instance_keeps_serving(owne
 
 @pytest.mark.parametrize("mode", ["route", "fetch"])
 def test_a_request_ending_on_its_failed_first_step_is_an_error_not_a_200(owner_killed, mode):
-    from qroute.ops.cluster import http_json
+    from qroute.ops.http_client import http_json
 
     i0 = owner_killed.instances[0]
     body = {**ROUTED, "max_tokens": 1, "kv_transfer_params": {"qroute": {"mode": mode}}}

@@ -42,7 +42,8 @@ def cluster(vllm, tiny_fp32_model, sample_corpus, state_dir):
 
 
 def test_a_restarted_owner_is_skipped_until_prefilled_and_answers_stay_exact(cluster):
-    from qroute.ops.cluster import http_json, spawn_instance, wait_healthy
+    from qroute.ops.cluster import spawn_instance, wait_healthy
+    from qroute.ops.http_client import http_json
 
     spec, state = cluster
     asker, victim, _ = asker_and_first_owner(spec, state)

@@ -100,4 +100,5 @@ def test_a_configured_instance_without_the_qroute_backend_refuses_to_start(tiny_
             sglang_serve.wait_sglang(process, REFUSED_PORT, log, timeout_s=240)
     finally:
         stop_pid(process.pid)
-    assert "decode attention backend is 'torch_native'" in log.read_text(errors="replace")
+    assert "the attention backends are 'torch_native' (prefill) and 'torch_native' (decode)" in log.read_text(
+        errors="replace")

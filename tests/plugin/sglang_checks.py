@@ -67,10 +67,24 @@ def test_the_start_up_check_refuses_what_cannot_run(loaded, monkeypatch, tmp_pat
     config.write_text(json.dumps({"corpus": {"name": "code", "path": str(tmp_path)}, "instance_id": "i0",
                                   "instances": {"i0": "127.0.0.1:9000"}}))
     monkeypatch.setenv(loaded.CONFIG_ENV, str(config))
-    with pytest.raises(ConfigError, match="decode attention backend is 'torch_native'.*--attention-backend qroute"):
+    with pytest.raises(ConfigError, match="backends are 'torch_native' .prefill. and 'torch_native' .decode.: pass "
+                                          "--attention-backend qroute"):  # fmt: skip
         loaded.ensure_active("torch_native", "torch_native")
-    with pytest.raises(ConfigError, match="does not attend to a shared corpus yet"):
-        loaded.ensure_active("qroute", "torch_native")
+    with pytest.raises(ConfigError, match="'qroute' .prefill. and 'torch_native' .decode."):  # stock decode: no corpus
+        loaded.ensure_active("torch_native", "qroute")
+    loaded.ensure_active("qroute", "qroute")  # the backend for every forward: a corpus can be served
+    args = types.SimpleNamespace(disable_radix_cache=False, tp_size=1, dp_size=1)
+    with pytest.raises(ConfigError, match="--disable-radix-cache"):
+        loaded.ensure_active("qroute", "qroute", args)
+    args.disable_radix_cache, args.tp_size = True, 2
+    with pytest.raises(ConfigError, match="--tp-size 1"):
+        loaded.ensure_active("qroute", "qroute", args)
+    args.tp_size = 1
+    loaded.ensure_active("qroute", "qroute", args)
+    config.write_text(json.dumps({"corpus": {"name": "code", "path": str(tmp_path)}, "instance_id": "i0",
+                                  "instances": {"i0": "127.0.0.1:9000"}, "etcd": {"endpoint": "http://127.0.0.1:1"}}))
+    with pytest.raises(ConfigError, match="no etcd membership"):
+        loaded.ensure_active("qroute", "qroute", args)
     config.write_text(json.dumps({"instance_id": "i0"}))  # the connector's own validation speaks
     with pytest.raises(ConfigError, match="'instances'.* is required"):
         loaded.ensure_active("qroute", "qroute")

@@ -1,4 +1,4 @@
-"""The vLLM worker's part in etcd membership (``kv_connector_extra_config["etcd"]``): the store is allocated with
+"""An instance's part in etcd membership (``kv_connector_extra_config["etcd"]``): the store is allocated with
 room for what one leave moves to it, a ``MembershipFollower`` keeps the instance's record and copies the chunks it
 gains, and a new routing placement reaches the router at the start of the next engine step (never in the middle of
 one, whose plan was made over the old placement).
@@ -19,12 +19,10 @@ from qroute.dataplane.shard import BlockRows, CorpusShard
 
 __all__ = ["WorkerMembership"]
 
-logger = logging.getLogger("vllm.qroute")
-
-
 class WorkerMembership:
-    def __init__(self, membership: Membership):
+    def __init__(self, membership: Membership, *, log: logging.Logger):
         self.membership = membership
+        self.log = log
         self.follower: MembershipFollower | None = None
         self._pending: tuple[CorpusDirectory, dict[str, BlockRows]] | None = None
         self._lock = threading.Lock()
@@ -53,7 +51,7 @@ class WorkerMembership:
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            logger.info("qroute: instance %r now routes over %s", self.membership.instance_id,
+            self.log.info("qroute: instance %r now routes over %s", self.membership.instance_id,
                         list(pending[0].instances))  # fmt: skip
         return pending
 
