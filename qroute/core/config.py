@@ -329,32 +329,34 @@ class RequestParams:
 def parse_request_params(params: object, *, default_corpus: str | None, default_mode: str,
                          known_corpora: Collection[str] | None,
                          known_instances: Collection[str] | None = None,
-                         default_selection: Selection = Selection()) -> RequestParams:
+                         default_selection: Selection = Selection(),
+                         field: str = "kv_transfer_params.qroute") -> RequestParams:
     """Validate a request's ``kv_transfer_params.qroute`` (keys missing: the defaults); raises ``ConfigError``
     naming the field. ``known_corpora`` / ``known_instances`` None accept any corpus name / owner id.
     ``"corpus": null`` opts out of corpus attention. ``"owner_modes": {"i2": "fetch"}`` decides the blocks an owner
     holds (its replicas' too) by that mode instead of ``mode``: auto, route or fetch. ``selector``, ``topk`` and
-    ``window`` override ``default_selection`` (``Selection``)."""
+    ``window`` override ``default_selection`` (``Selection``). ``field``: where the engine's requests carry them, for
+    the messages (SGLang: ``custom_params.qroute``)."""
     if not isinstance(params, Mapping):
-        raise ConfigError(f"kv_transfer_params.qroute must be an object, got {type(params).__name__}")
+        raise ConfigError(f"{field} must be an object, got {type(params).__name__}")
     corpus = params.get("corpus", default_corpus)
     if corpus is not None and not isinstance(corpus, str):
-        raise ConfigError(f"kv_transfer_params.qroute.corpus must be a corpus name or null, got {corpus!r}")
+        raise ConfigError(f"{field}.corpus must be a corpus name or null, got {corpus!r}")
     if corpus is not None and known_corpora is not None and corpus not in known_corpora:
         raise ConfigError(f"unknown corpus {corpus!r}; this instance serves {sorted(known_corpora)}")
     mode = params.get("mode") or default_mode
     if mode not in MODES:
-        raise ConfigError(f"kv_transfer_params.qroute.mode {mode!r} is not one of {', '.join(MODES)}")
+        raise ConfigError(f"{field}.mode {mode!r} is not one of {', '.join(MODES)}")
     chunk = params.get("prefill_chunk")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-        raise ConfigError(f"kv_transfer_params.qroute.prefill_chunk must be an int >= 0, got {chunk!r}")
+        raise ConfigError(f"{field}.prefill_chunk must be an int >= 0, got {chunk!r}")
     d = default_selection
     try:
         selection = Selection(params.get("selector", d.selector), params.get("topk", d.topk),
                               params.get("window", d.window))  # fmt: skip
     except ConfigError as exc:
-        raise ConfigError(f"kv_transfer_params.qroute: {exc}") from None
-    owner_modes = _owner_modes(params.get("owner_modes"), known_instances)
+        raise ConfigError(f"{field}: {exc}") from None
+    owner_modes = _owner_modes(params.get("owner_modes"), known_instances, field)
     return RequestParams(corpus, str(mode), chunk, owner_modes, selection)
 
 
@@ -367,10 +369,10 @@ def group_mode(owners: Sequence[str], owner_modes: Mapping[str, str], default: s
     return next((owner_modes[o] for o in owners if o in owner_modes), default)
 
 
-def _owner_modes(raw: object, known_instances: Collection[str] | None) -> tuple[tuple[str, str], ...]:
+def _owner_modes(raw: object, known_instances: Collection[str] | None, field: str) -> tuple[tuple[str, str], ...]:
     if raw is None:
         return ()
-    where = "kv_transfer_params.qroute.owner_modes"
+    where = f"{field}.owner_modes"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be an object of owner instance id -> mode, got {type(raw).__name__}")
     for owner, mode in raw.items():

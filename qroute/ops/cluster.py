@@ -31,7 +31,8 @@ STATE_ENV = "QROUTE_STATE_DIR"
 SECRET_ENV = "QROUTE_SECRET"
 NIXL_AND_TCP = "nixl+tcp"  # a cluster transport: both at once (ClusterSpec.owner_addresses)
 CLUSTER_TRANSPORTS = ("tcp", "nixl", NIXL_AND_TCP)
-CLUSTER_ENGINES = ("vllm", "sglang")
+MIXED_ENGINES = "vllm+sglang"  # even instances vLLM, odd ones SGLang: one corpus, two engines answering each other
+CLUSTER_ENGINES = ("vllm", "sglang", MIXED_ENGINES)
 START_TIMEOUT_S = 420.0  # two instances starting side by side on 2 cores take 60-90 s; leave room
 
 
@@ -47,6 +48,7 @@ class InstanceInfo:
     owner_address: str = ""
     log: str = ""
     chunks: int = 0
+    engine: str = "vllm"  # or "sglang"
 
 
 @dataclass
@@ -164,15 +166,21 @@ class ClusterSpec:
     topk: int = 0
     netns: bool = False  # each instance in a network namespace of its own, as separate hosts (``qroute.ops.netns``)
     etcd: bool = False  # membership through an etcd started with the cluster: instances may join and leave later
-    engine: str = "vllm"  # "sglang": `sglang serve` instances with qroute's SGLang plugin (docs/sglang.md)
+    engine: str = "vllm"  # "sglang": `sglang serve` with qroute's SGLang plugin (docs/sglang.md); or MIXED_ENGINES
 
     def __post_init__(self) -> None:
         if self.engine not in CLUSTER_ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(CLUSTER_ENGINES)}, got {self.engine!r}")
-        if self.engine == "sglang" and (self.etcd or self.netns or self.transport != "tcp" or self.selector != "dense"
+        if self.engine != "vllm" and (self.etcd or self.netns or self.transport != "tcp" or self.selector != "dense"
                                         or self.corpus_dir is None):  # fmt: skip
-            raise ConfigError("an SGLang cluster has a corpus, dense selection over TCP on loopback (no --etcd, "
-                              "--netns, NIXL or summary selection on SGLang yet)")
+            raise ConfigError("a cluster with SGLang instances has a corpus, dense selection over TCP on loopback (no "
+                              "--etcd, --netns, NIXL or summary selection on SGLang yet)")
+
+    def engine_of(self, k: int) -> str:
+        """Instance ``k``'s engine: "vllm" or "sglang"."""
+        if self.engine == MIXED_ENGINES:
+            return "vllm" if k % 2 == 0 else "sglang"
+        return self.engine
         if self.etcd and (self.netns or self.corpus_dir is None):
             raise ConfigError("--etcd needs a corpus and runs on loopback (not with --netns)")
         if self.num_instances < 1:
@@ -277,11 +285,12 @@ def spawn_instance(spec: ClusterSpec, k: int, secret: str) -> tuple[subprocess.P
     name = f"i{k}"
     log_path = state_dir() / "logs" / f"{name}.log"
     host = spec.host(k)
-    cmd, env = (_sglang_instance if spec.engine == "sglang" else _vllm_instance)(spec, k, secret, host)
+    engine = spec.engine_of(k)
+    cmd, env = (_sglang_instance if engine == "sglang" else _vllm_instance)(spec, k, secret, host)
     process = spawn(cmd, env, log_path)
     info = InstanceInfo(instance_id=name, url=f"http://{host}:{spec.http_port(k)}/v1", pid=process.pid,
                         owner_address=f"{host}:{spec.owner_port(k)}" if spec.corpus_dir else "",
-                        log=str(log_path))  # fmt: skip
+                        log=str(log_path), engine=engine)  # fmt: skip
     return process, info
 
 
@@ -340,15 +349,17 @@ def prefill_corpus_http(state: ClusterState, token_ids: list[int], directory, *,
     only, e.g. one started again with an empty store). A chunk that an owner reports as not stored (or with an
     error) raises ``QRouteError``: never a silently missing chunk."""
     urls = {i.instance_id: i.url for i in state.instances}
-    sglang = state.spec.get("engine") == "sglang"
+    engines = {i.instance_id: i.engine for i in state.instances}
     start = time.monotonic()
     for chunk in directory.chunks:
         for owner in chunk.owners if only is None else [o for o in chunk.owners if o == only]:
             params = {"qroute": {"corpus": directory.name, "prefill_chunk": chunk.chunk_id}}
             where = f"prefill of chunk {chunk.chunk_id} of corpus {directory.name!r} on {owner!r}"
             prompt = token_ids[chunk.start : chunk.end]
-            try:  # an instance with qroute's middleware answers a refused prefill (max_tokens=1) with HTTP 500
-                if sglang:  # qroute's SGLang plugin aborts a prefill it refuses or cannot store: HTTP 400 / 500
+            # vLLM with qroute's middleware answers a refused prefill (max_tokens=1) with HTTP 500; qroute's SGLang
+            # plugin aborts a prefill it refuses or cannot store (HTTP 400 / 500)
+            try:
+                if engines[owner] == "sglang":
                     completion(urls[owner], prompt, max_tokens=1, extra={"custom_params": params})
                     continue
                 reply = completion(urls[owner], prompt, max_tokens=1, kv_transfer_params=params)

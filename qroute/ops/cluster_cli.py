@@ -106,7 +106,8 @@ def cluster_status(state: ClusterState) -> list[dict]:
         alive = pid_alive(info.pid)
         ok = alive and healthy(info.url)
         rows.append({"instance": info.instance_id, "url": info.url, "pid": info.pid, "alive": alive, "healthy": ok,
-                     "owned_chunks": info.chunks, "peers": peer_health(info.url) if ok and info.chunks else {},
+                     "owned_chunks": info.chunks, "engine": info.engine,
+                     "peers": peer_health(info.url) if ok and info.chunks and info.engine == "vllm" else {},
                      "last_errors": last_errors(info.log),
                      **({"member": members.get(info.instance_id, "no record")} if state.etcd_endpoint else {})})
     return rows
@@ -144,7 +145,8 @@ def _prefill(args: argparse.Namespace) -> int:
                                               instances=list(urls), replicas=args.replicas,
                                               blocks_per_chunk=args.blocks_per_chunk)  # fmt: skip
     state = ClusterState(model_dir=str(model_dir), corpus_dir=args.corpus, corpus_name=args.corpus_name, mode="",
-                         instances=[InstanceInfo(instance_id=i, url=u, pid=0) for i, u in urls.items()])  # fmt: skip
+                         instances=[InstanceInfo(instance_id=i, url=u, pid=0, engine=args.engine)
+                                    for i, u in urls.items()])  # fmt: skip
     prefill_corpus_http(state, token_ids.tolist(), directory)
     print(f"qroute: corpus {args.corpus_name!r} ({directory.num_tokens} tokens, version {directory.version}) "
           f"prefilled on {len(urls)} instances")  # fmt: skip
@@ -178,7 +180,8 @@ def _down(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start N vllm (or sglang) serve instances on loopback sharing a corpus")
     up.add_argument("--engine", choices=CLUSTER_ENGINES, default="vllm",
-                    help="sglang: `sglang serve` instances with qroute's SGLang plugin (its venv: make sglang-venv)")
+                    help="sglang: `sglang serve` instances with qroute's SGLang plugin (its venv: make sglang-venv); "
+                         "vllm+sglang: even instances vLLM, odd ones SGLang, sharing one corpus")
     up.add_argument("--instances", type=int, default=2)
     up.add_argument("--corpus", required=True, help="corpus directory (a codebase)")
     up.add_argument("--corpus-name", default="corpus")
@@ -213,6 +216,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     prefill.add_argument("--replicas", type=int, default=1)
     prefill.add_argument("--blocks-per-chunk", type=int, default=16)
     prefill.add_argument("--model-dir")
+    prefill.add_argument("--engine", choices=("vllm", "sglang"), default="vllm", help="the instances' engine")
     prefill.set_defaults(handler=_prefill)
     down = sub.add_parser("down", help="stop every instance of the local cluster by PID")
     down.set_defaults(handler=_down)

@@ -47,11 +47,12 @@ def sglang_serve_command(model_dir: Path, port: int, *, backend: str, dtype: str
                          max_running_requests: int = 4, cpu: bool = True, host: str = "127.0.0.1",
                          extra: list[str] | None = None) -> list[str]:  # fmt: skip
     """``sglang serve`` as the notes found it working on CPU (eager, no overlap schedule, no warm-up); ``extra``
-    last (argparse: the last of a repeated flag holds)."""
+    last (argparse: the last of a repeated flag holds). ``--sleep-on-idle``: SGLang's scheduler otherwise polls at
+    100 % of a core while it has nothing to do, which starves the instances that do on a small machine."""
     return [
         str(sglang_python().parent / "sglang"), "serve", "--model-path", str(model_dir),
         "--device", "cpu" if cpu else "cuda", "--attention-backend", backend, "--dtype", dtype,
-        "--disable-overlap-schedule", "--skip-server-warmup", "--disable-cuda-graph",
+        "--disable-overlap-schedule", "--skip-server-warmup", "--disable-cuda-graph", "--sleep-on-idle",
         "--max-total-tokens", str(max_total_tokens), "--context-length", str(context_length),
         "--max-running-requests", str(max_running_requests), "--served-model-name", "tiny",
         "--host", host, "--port", str(port), *(extra or []),

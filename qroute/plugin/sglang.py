@@ -33,6 +33,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ def _create_backend(runner: Any) -> Any:
 
     if not runner.use_mla_backend:
         raise ConfigError("qroute's SGLang backend serves MLA models only (DeepSeek-V2/V3 family)")
+    _levelled_log()
     backend = QRouteSGLangBackend(runner, load_config())
     # logged here, not in register(): SGLang configures its logging after it loads plugins
     corpus = backend.corpus
@@ -115,6 +117,17 @@ def _create_backend(runner: Any) -> Any:
                 SGLANG_VERSION, f"corpus {corpus.directory.name!r}, instance {corpus.config.instance_id!r}"
                 if corpus is not None else "no corpus")  # fmt: skip
     return backend
+
+
+def _levelled_log() -> None:
+    """qroute's lines in SGLang's log with their level (SGLang's format has none), so that its warnings and errors
+    can be told from the rest (``qroute status`` shows an instance's last ones)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _absorbed_mla(attn: Any, forward_batch: Any) -> Any:

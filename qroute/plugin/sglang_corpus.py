@@ -155,7 +155,8 @@ class SGLangCorpus:
         try:
             params = parse_request_params(raw, default_corpus=d.name, default_mode=self.config.mode,
                                           known_corpora=(d.name,), known_instances=d.instances,
-                                          default_selection=self.config.selection)  # fmt: skip
+                                          default_selection=self.config.selection,
+                                          field="custom_params.qroute")  # fmt: skip
         except ConfigError as exc:
             return self._refused(str(exc), raw)
         state = RequestState(params, summary={"corpus": params.corpus, "mode": params.mode,

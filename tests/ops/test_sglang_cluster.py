@@ -152,11 +152,13 @@ def test_a_request_without_the_corpus_does_not_match(answers):
     assert "i0-no-corpus" not in done  # no corpus work, so no summary
 
 
-def test_an_unknown_corpus_is_refused_and_nothing_else_is_lost(cluster, answers):
+def test_bad_parameters_are_refused_and_nothing_else_is_lost(cluster, answers):
     from openai import BadRequestError
 
     url = cluster["state"].instances[1].url
     with pytest.raises(BadRequestError, match="unknown corpus 'nope'"):
         _completion(url, cluster["questions"][0], {"corpus": "nope"}, "i1-unknown")
+    with pytest.raises(BadRequestError, match="custom_params.qroute.mode 'bogus' is not one of"):
+        _completion(url, cluster["questions"][0], {"mode": "bogus"}, "i1-bogus")
     again = _completion(url, cluster["questions"][1], {"mode": "route"}, "i1-again")
     assert again["tokens"] == answers[0][("reference", 1)]["tokens"]
