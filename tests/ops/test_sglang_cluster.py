@@ -5,8 +5,9 @@ instance owning chunks, prefilled chunk by chunk) reproduces one stock ``sglang 
 client, everything in flight at once: two questions on each instance in route, fetch and auto, a streamed
 completion and a chat. Each request's work comes from the ``qroute: request <rid> done`` line of its instance's log:
 exact owner-layer counts by kind (the local part, and the peer's part routed or fetched). A request without corpus
-must differ from the reference (negative control); an unknown corpus is an HTTP 400 and loses nothing else.
-Three instances (about 3 minutes)."""
+must differ from the reference (negative control); bad parameters are an HTTP 400 and lose nothing else; once i1
+is killed, i0's requests that need its half are aborted with HTTP 500 and the reason while one without the corpus
+is answered. Three instances (about 2 minutes)."""
 
 from __future__ import annotations
 
@@ -162,3 +163,25 @@ def test_bad_parameters_are_refused_and_nothing_else_is_lost(cluster, answers):
         _completion(url, cluster["questions"][0], {"mode": "bogus"}, "i1-bogus")
     again = _completion(url, cluster["questions"][1], {"mode": "route"}, "i1-again")
     assert again["tokens"] == answers[0][("reference", 1)]["tokens"]
+
+
+def test_a_dead_owner_fails_its_requests_with_500_and_the_instance_keeps_serving(cluster, answers):
+    """Runs last: it kills i1. Requests on i0 that need i1's half are aborted with HTTP 500 and the reason, in
+    flight together with ones that need no corpus, which are answered."""
+    import os
+    import signal
+
+    from openai import InternalServerError
+
+    i0, i1 = cluster["state"].instances
+    os.killpg(i1.pid, signal.SIGKILL)
+    stop_pid(i1.pid)
+    question = cluster["questions"][0]
+    jobs = {mode: {"mode": mode} for mode in ("route", "fetch")} | {"none": {"corpus": None}}
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(_completion, i0.url, question, params, f"i0-dead-{name}")
+                   for name, params in jobs.items()}  # fmt: skip
+    for name in ("route", "fetch"):
+        with pytest.raises(InternalServerError, match="qroute: .*i1"):
+            futures[name].result()
+    assert futures["none"].result()["tokens"] == answers[0][("i0", "no corpus")]["tokens"]
