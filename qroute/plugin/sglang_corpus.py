@@ -3,7 +3,8 @@
 
 SGLang's forward batch carries request ids (``ForwardBatch.rids``) but not the requests, and a request's
 ``custom_params`` stay on its ``Req``. So the plugin hooks ``ForwardBatch.init_new`` (``keep_requests``) to keep the
-``Req`` objects of the batch it converts, by id (the forward batch itself may be copied on its way to the model);
+``Req`` objects of the batch it converts, by id (an attribute set on the forward batch there was seen not to
+reach the backend);
 per forward the backend then calls:
 
 - ``plan`` (``init_forward_metadata``): each request's ``RequestStep`` from ``custom_params["qroute"]`` (the vLLM
