@@ -109,18 +109,24 @@ def unpack_fields(data: bytes, count: int) -> list[bytes]:
 # ---- what must match --------------------------------------------------------------------------------------
 
 
-def compat_key(model_fingerprint: str, latent_width: int, block_size: int, dtype: str, lse_base: str = "e") -> str:
+def compat_key(model_fingerprint: str, latent_width: int, block_size: int, dtype: str, lse_base: str = "e",
+               rope: str = "interleaved") -> str:
     """Everything two instances must agree on to exchange latent rows and partials, as a readable canonical key
     (``check_hello`` names each field that differs): latent width, block size, row format (a wire dtype name, e.g.
-    ``"float32"``, or ``"fp8_ds_mla"``, DeepSeek-V3.2's FP8 row), LSE base, and a digest of the model."""
+    ``"float32"``, or ``"fp8_ds_mla"``, DeepSeek-V3.2's FP8 row), LSE base, the pair layout of the stored rows'
+    RoPE half (``"interleaved"`` or ``"neox"``: engines rope the same checkpoint differently, vLLM always
+    interleaved, SGLang as ``rope_interleave`` says), and a digest of the model."""
     if dtype not in wire.WIRE_DTYPES and dtype != "fp8_ds_mla":
         raise ConfigError(f"dtype={dtype!r} must be one of {[*sorted(wire.WIRE_DTYPES), 'fp8_ds_mla']}")
     if lse_base not in ("e", "2"):
         raise ConfigError(f"lse_base={lse_base!r} must be 'e' or '2'")
+    if rope not in ("interleaved", "neox"):
+        raise ConfigError(f"rope={rope!r} must be 'interleaved' or 'neox'")
     if latent_width <= 0 or block_size <= 0:
         raise ConfigError(f"latent_width={latent_width} and block_size={block_size} must be > 0")
     model = hashlib.blake2b(model_fingerprint.encode(), digest_size=8, person=b"qroute-compat").hexdigest()
-    return f"latent_width={latent_width},block_size={block_size},dtype={dtype},lse_base={lse_base},model={model}"
+    return (f"latent_width={latent_width},block_size={block_size},dtype={dtype},lse_base={lse_base},rope={rope},"
+            f"model={model}")
 
 
 def _compat_fields(key: str) -> dict[str, str]:

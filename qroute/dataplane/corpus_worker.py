@@ -68,6 +68,7 @@ class CorpusWorker:
         self.directory = directory  # the routing placement (membership may change it between steps)
         self.log = log
         self.interleaved = interleaved
+        self.rope_layout = "interleaved" if interleaved else "neox"  # peers must store rows the same way
         self._membership = membership
         self.membership: WorkerMembership | None = None
         hf_config = load_config(model_dir)
@@ -114,7 +115,8 @@ class CorpusWorker:
         # the store starts empty: no block is served until its chunk's prefill has stored every layer
         self.shard = CorpusShard(self.directory, self.config.instance_id, layers, block_rows, fmt,
                                  summaries=[s.table for s in self.summaries] if self.summaries else None,
-                                 ready=torch.zeros(self.directory.num_blocks, dtype=torch.uint8))  # fmt: skip
+                                 ready=torch.zeros(self.directory.num_blocks, dtype=torch.uint8),
+                                 rope=self.rope_layout)  # fmt: skip
         fingerprint = self.directory.model_fingerprint
         self.service = OwnerService({self.directory.name: self.shard}, self.params,
                                     instance_id=self.config.instance_id, model_fingerprint=fingerprint,
@@ -128,7 +130,7 @@ class CorpusWorker:
         self.decisions = DecisionLog.from_env(self.config.instance_id)
         if self.decisions is not None:
             self.router.timings = []
-        compat = compat_for(fingerprint, self.directory, self.width, fmt.name)
+        compat = compat_for(fingerprint, self.directory, self.width, fmt.name, self.rope_layout)
         self.links = OwnerLinks(self.config, self.service, self.directory, compat=compat,
                                 on_connect=self.router.add_peer)  # fmt: skip
         self.links.start()

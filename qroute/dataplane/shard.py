@@ -97,10 +97,12 @@ def byte_ranges(block_rows: BlockRows, block_ids: Sequence[int], row_bytes: int)
     return ranges
 
 
-def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, row_format: str | torch.dtype) -> str:
+def compat_for(model_fingerprint: str, directory: CorpusDirectory, width: int, row_format: str | torch.dtype,
+               rope: str = "interleaved") -> str:  # fmt: skip
     """What two instances must agree on before exchanging rows: model, latent width, block size, row format
-    (a ``RowFormat`` name; a torch dtype names the dense one)."""
-    return compat_key(model_fingerprint, width, directory.block_size, str(row_format).removeprefix("torch."))
+    (a ``RowFormat`` name; a torch dtype names the dense one), RoPE pair layout (``handshake.compat_key``)."""
+    return compat_key(model_fingerprint, width, directory.block_size, str(row_format).removeprefix("torch."),
+                      rope=rope)  # fmt: skip
 
 
 @dataclass
@@ -116,6 +118,7 @@ class CorpusShard:
     summaries: list[torch.Tensor] | None = None
     # uint8 [num_blocks]: 1 where this shard's rows of the block are stored; None: every held block (rows given)
     ready: torch.Tensor | None = None
+    rope: str = "interleaved"  # pair layout of the rows' RoPE half, "interleaved" or "neox" (part of compat_key)
     _slots_kept: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _all_ready: bool = field(default=False, init=False, repr=False)
 
@@ -184,7 +187,7 @@ class CorpusShard:
         return self.format.row_bytes
 
     def compat_key(self, model_fingerprint: str) -> str:
-        return compat_for(model_fingerprint, self.directory, self.width, self.format.name)
+        return compat_for(model_fingerprint, self.directory, self.width, self.format.name, self.rope)
 
     def holds(self, block_ids: Sequence[int]) -> bool:
         if isinstance(block_ids, tuple) and block_ids in self._slots_kept:

@@ -282,6 +282,8 @@ def test_matching_handshake_passes_both_ways() -> None:
     [
         (dict(model_fingerprint="other@2"), "model fingerprint"),
         (dict(compat=handshake.compat_key("tiny@1", 576, 64, "float32")), "incompatible rows: dtype"),
+        # an engine that ropes the same checkpoint the other way (SGLang honours rope_interleave, vLLM does not)
+        (dict(compat=handshake.compat_key("tiny@1", 576, 64, "bfloat16", rope="neox")), "incompatible rows: rope"),
         (dict(corpus_name="docs"), "corpus 'code'"),
         (dict(corpus_version="v2"), "corpus version"),
     ],
@@ -340,11 +342,14 @@ def test_compat_key() -> None:
     variants = {
         compat_key("m2", 576, 64, "bfloat16"), compat_key("m", 656, 64, "bfloat16"),
         compat_key("m", 576, 32, "bfloat16"), compat_key("m", 576, 64, "float32"),
-        compat_key("m", 576, 64, "bfloat16", "2"),
+        compat_key("m", 576, 64, "bfloat16", "2"), compat_key("m", 576, 64, "bfloat16", rope="neox"),
     }
-    assert base not in variants and len(variants) == 5
+    assert base not in variants and len(variants) == 6
+    assert base == compat_key("m", 576, 64, "bfloat16", rope="interleaved")
     with pytest.raises(ConfigError, match="lse_base"):
         compat_key("m", 576, 64, "bfloat16", "10")
+    with pytest.raises(ConfigError, match="rope"):
+        compat_key("m", 576, 64, "bfloat16", rope="gptj")
     with pytest.raises(ConfigError, match="dtype"):
         compat_key("m", 576, 64, "fp8")
 
