@@ -81,13 +81,11 @@ def run_bench(model_dir: Path, *, repeats: int = 3, base_port: int = 8540, log=p
 
 def run_corpus_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_port: int = 8540,
                      log=print) -> dict[str, Any]:  # fmt: skip
-    import json
-    import re
-
     from qroute.core.corpus import place_model_corpus
     from qroute.ops import sglang_serve
     from qroute.ops.demo_core import question_ids
     from qroute.ops.processes import stop_pid
+    from qroute.plugin.sglang_corpus import done_summaries
 
     corpus_ids = place_model_corpus(model_dir, corpus, name="corpus", instances=["i0"])[0].tolist()
     question = question_ids(model_dir, QUESTION)
@@ -122,7 +120,7 @@ def run_corpus_bench(model_dir: Path, corpus: Path, *, repeats: int = 3, base_po
             log(f"corpus, {n} at once: stock prefix {tpot['stock'][n]:.1f} ms, qroute route {tpot['route'][n]:.1f} ms")
         with i0_log.open(errors="replace") as f:
             f.seek(timed_from)
-            done = [json.loads(m) for m in re.findall(r"qroute: request \S+ done: (\{.*\})", f.read())]
+            done = list(done_summaries(f.read()).values())
     finally:
         stop_pid(stock.pid)
         if state is not None:

@@ -55,15 +55,14 @@ PROBE_REFRESH_S = 30.0  # each peer's round trips are measured again this often 
 
 
 class CorpusWorker:
-    """``interleaved``: how the engine ropes DeepSeek's ``q_pe`` / ``k_pe`` (vLLM and SGLang: GPT-J style, whatever
-    the checkpoint's ``rope_interleave`` says); ``table_dtype``: the dtype of its cos/sin table (vLLM casts it to
-    the model dtype). ``log``: the engine's logger, so that qroute's lines land in its log."""
+    """``interleaved``: how the engine ropes DeepSeek's ``q_pe`` / ``k_pe`` (vLLM: always interleaved, whatever the
+    checkpoint's ``rope_interleave`` says; SGLang: as it says). ``log``: the engine's logger, so that qroute's lines
+    land in its log."""
 
     report_class: type[StepReport] = StepReport
 
     def __init__(self, config: QRouteConfig, directory: CorpusDirectory, model_dir: str, model_dtype: torch.dtype,
-                 membership: Membership | None = None, *, log: logging.Logger, interleaved: bool = True,
-                 table_dtype: torch.dtype | None = None):  # fmt: skip
+                 membership: Membership | None = None, *, log: logging.Logger, interleaved: bool = True):  # fmt: skip
         self.config = config
         self.directory = directory  # the routing placement (membership may change it between steps)
         self.log = log
@@ -83,7 +82,7 @@ class CorpusWorker:
         self.geometry = geometry_from_config(hf_config, cache_dtype=dtype_name, dtype=dtype_name)
         self.fabric = load_fabric(config.fabric_name())
         self.secret = config.read_secret()
-        self.table_dtype = table_dtype or model_dtype
+        self.table_dtype = model_dtype  # the engines cast their cos/sin table to the model dtype
         self.width = self.geometry.latent_width
         self.shard: CorpusShard | None = None
         self.service: OwnerService | None = None

@@ -92,7 +92,9 @@ def expected_operations(directory, instance: str, num_layers: int, steps: int,
     return expected
 
 
-def _counts_ok(mode: str, counts: dict[str, int], expected: dict[str, int]) -> bool:
+def counts_ok(mode: str, counts: dict[str, int], expected: dict[str, int]) -> bool:
+    """A dense request's counts are ``expected_operations``'s: its local parts exactly, its remote ones all routed
+    (route), all fetched (fetch), as ``owner_modes`` split them (mixed) or either way (auto); and no error."""
     remote = {Mode.ROUTE: (expected["remote"], 0), Mode.FETCH: (0, expected["remote"])}.get(mode)
     if mode == MIXED:
         remote = (expected["route"], expected["fetch"])
@@ -241,7 +243,7 @@ def run_check(
             if selecting:
                 ok = _selected_counts_ok(counts, expected, num_layers * max_tokens)
             else:
-                ok = _counts_ok(mode, counts, expected)
+                ok = counts_ok(mode, counts, expected)
             run.update(qroute=counts, expected_operations=expected, counts_ok=ok)
             report["runs"][f"{instance}/{mode}"] = run
         report["metrics"] = exported_counts(urls, before, report["runs"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -41,12 +42,14 @@ from qroute.errors import ConfigError, QRouteError
 from qroute.numerics.attention import Part
 from qroute.numerics.rope import rope_is_interleaved
 
-__all__ = ["SGLangCorpus", "corpus_for", "keep_requests", "request_finished"]
+__all__ = ["DONE_FORMAT", "SGLangCorpus", "corpus_for", "done_summaries", "keep_requests", "request_finished"]
 
 logger = logging.getLogger("sglang.qroute")
 
 HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"  # sglang.srt.constants: the rids of SGLang's /health generate requests
 _MAX_TRACKED = 4096  # requests whose state is kept at most (finished ones are dropped when they finish)
+DONE_FORMAT = "qroute: request %s done: %s"  # one line per finished request: its rid and its summary as JSON
+_DONE_LINE = re.compile(r"qroute: request (\S+) done: (\{.*\})")
 
 _lock = threading.Lock()
 _corpus: SGLangCorpus | None = None
@@ -130,7 +133,7 @@ class SGLangCorpus:
     def request_finished(self, req: Any) -> None:
         state = self._states.pop(req.rid, None)
         if state is not None and state.params is not None and state.params.corpus is not None:
-            logger.info("qroute: request %s done: %s", req.rid, json.dumps(state.summary, sort_keys=True))
+            logger.info(DONE_FORMAT, req.rid, json.dumps(state.summary, sort_keys=True))
 
     # -- per request ------------------------------------------------------------------------------------
 
@@ -183,6 +186,11 @@ class SGLangCorpus:
         kind = "BadRequestError" if state.params is None else "InternalServerError"
         req.to_finish = FINISH_ABORT(f"qroute: {state.error}", status, kind)
         state.aborted = True
+
+
+def done_summaries(log_text: str) -> dict[str, dict[str, Any]]:
+    """rid -> summary of every ``DONE_FORMAT`` line in an instance's log text (a rid seen twice: its last line)."""
+    return {rid: json.loads(summary) for rid, summary in _DONE_LINE.findall(log_text)}
 
 
 def corpus_for(config: QRouteConfig, runner: Any) -> SGLangCorpus:

@@ -8,14 +8,13 @@ engine's instance, by the kind its mode says (vLLM's counts from ``kv_transfer_p
 
 from __future__ import annotations
 
-import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from qroute.errors import ConfigError
-from qroute.ops.check import QUESTION, TOLERANCE, expected_operations
+from qroute.ops.check import QUESTION, TOLERANCE, counts_ok, expected_operations
+from qroute.plugin.sglang_corpus import done_summaries
 
 MODES = ("route", "fetch", "auto")
 MAX_TOKENS = 8
@@ -77,10 +76,9 @@ def answers(mixed):
         results = {key: future.result() for key, future in futures.items()}
     for info in infos:
         if info.engine == "sglang":
-            for rid, summary in re.findall(r"qroute: request (\S+) done: (\{.*\})", open(info.log).read()):
-                if rid.startswith(info.instance_id + "-"):
-                    results[(info.instance_id, rid.removeprefix(info.instance_id + "-"))]["counts"] = json.loads(
-                        summary)  # fmt: skip
+            done = done_summaries(open(info.log, errors="replace").read())
+            for mode in MODES:
+                results[(info.instance_id, mode)]["counts"] = done.get(f"{info.instance_id}-{mode}")
     return results
 
 
@@ -99,11 +97,6 @@ def test_each_engine_attends_to_the_others_half_exactly(mixed, answers, instance
     assert max(abs(a - b) for a, b in zip(got["logprobs"], wanted, strict=True)) <= TOLERANCE
     counts = got["counts"]
     expected = expected_operations(mixed["directory"], instance, 2, steps=MAX_TOKENS)
-    assert counts is not None and "error" not in counts and counts["mode"] == mode
-    assert counts["local"] == expected["local"] > 0
-    remote = {"route": (expected["remote"], 0), "fetch": (0, expected["remote"])}.get(mode)
-    if remote is not None:
-        assert (counts["route"], counts["fetch"]) == remote
-    else:
-        assert counts["route"] + counts["fetch"] == expected["remote"]
+    assert counts is not None and counts["mode"] == mode and expected["local"] > 0
+    assert counts_ok(mode, counts, expected), (counts, expected)
     assert counts["bytes_moved"] > 0

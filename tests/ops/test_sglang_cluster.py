@@ -11,22 +11,21 @@ is answered. Three instances (about 2 minutes)."""
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from qroute.errors import ConfigError
-from qroute.ops.check import QUESTION, TOLERANCE, expected_operations
+from qroute.ops.check import QUESTION, TOLERANCE, counts_ok, expected_operations
 from qroute.ops.processes import stop_pid
+from qroute.plugin.sglang_corpus import done_summaries
 
 QUESTIONS = [QUESTION, "What does Store.get return when the key is missing?"]
 MODES = ("route", "fetch", "auto")
 MAX_TOKENS = 8
 BASE_PORT = 8560  # instances 8560-8561, owners 8660-8661
 REFERENCE_PORT = 8565
-DONE = re.compile(r"qroute: request (\S+) done: (\{.*\})")
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +101,7 @@ def answers(cluster):
         results = {key: future.result() for key, future in futures.items()}
     done = {}
     for info in cluster["state"].instances:
-        for rid, summary in DONE.findall(open(info.log, errors="replace").read()):
-            done[rid] = json.loads(summary)
+        done.update(done_summaries(open(info.log, errors="replace").read()))
     return results, done
 
 
@@ -127,13 +125,9 @@ def test_sharded_sglang_reproduces_one_stock_instance(cluster, answers, instance
         assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)) <= TOLERANCE
         counts = done[f"{instance}-{mode}-{q}"]
         expected = expected_operations(cluster["directory"], instance, num_layers, steps=MAX_TOKENS)
-        assert "error" not in counts and counts["corpus"] == "corpus" and counts["mode"] == mode
-        assert counts["local"] == expected["local"] > 0 and expected["remote"] == expected["local"]
-        remote = {"route": (expected["remote"], 0), "fetch": (0, expected["remote"])}.get(mode)
-        if remote is not None:
-            assert (counts["route"], counts["fetch"]) == remote
-        else:
-            assert counts["route"] + counts["fetch"] == expected["remote"]
+        assert counts["corpus"] == "corpus" and counts["mode"] == mode
+        assert expected["local"] > 0 and expected["remote"] == expected["local"]
+        assert counts_ok(mode, counts, expected), (counts, expected)
         assert counts["bytes_moved"] > 0
 
 
