@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -47,6 +48,7 @@ __all__ = [
     "RouteRequest",
     "Tensor",
     "as_torch",
+    "as_torch_joined",
     "decode",
     "decode_hello",
     "encode",
@@ -79,6 +81,7 @@ WIRE_DTYPES: dict[str, int] = {
 _FLOAT_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 _NUMPY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in WIRE_DTYPES if name != "bfloat16"}
 _NUMPY_DTYPES["bfloat16"] = np.dtype("<u2")
+_WIRE_ORDER_NAMES = {dtype: name for name, dtype in _NUMPY_DTYPES.items() if name != "bfloat16"}
 MAX_NDIM = 4
 
 U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec decodes ints up to 2**64 - 1
@@ -97,12 +100,13 @@ def _fail(msg: str) -> None:
 
 
 class Tensor(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """A dense little-endian C-order array: ``dtype`` in ``WIRE_DTYPES``, ``shape``, raw ``data`` (``bytes`` when
-    decoded; a view of the source array when built by ``to_wire``)."""
+    """A dense little-endian C-order array: ``dtype`` in ``WIRE_DTYPES``, ``shape``, raw ``data``: when decoded, a
+    view of the decoded buffer (no copy: an owner reads a route's rows where they landed in its inbox, so the
+    buffer must not change while the tensor is used); when built by ``to_wire``, a view of the source array."""
 
     dtype: str
     shape: Shape
-    data: bytes
+    data: memoryview
 
     def __post_init__(self) -> None:
         itemsize = WIRE_DTYPES.get(self.dtype)
@@ -137,7 +141,8 @@ def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
     """
     torch = sys.modules.get("torch")  # never import torch here: callers who have tensors have it
     if torch is not None and isinstance(x, torch.Tensor):
-        x = x.detach().cpu().contiguous()  # each a no-op for a contiguous CPU tensor
+        if x.requires_grad or x.device.type != "cpu" or not x.is_contiguous():
+            x = x.detach().cpu().contiguous()  # three calls of a few microseconds each: only when needed
         if x.dtype == torch.bfloat16:
             return Tensor("bfloat16", tuple(x.shape), _bytes_of(x.view(torch.int16).numpy()))
         name = _torch_wire_names(torch).get(x.dtype)
@@ -148,6 +153,9 @@ def to_wire(x: Any, *, bfloat16_bits: bool = False) -> Tensor:
         x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise WireError(f"to_wire takes a numpy array or torch tensor, not {type(x).__name__}")
+    name = _WIRE_ORDER_NAMES.get(x.dtype)  # a dict look-up: numpy's dtype.name is computed in Python per call
+    if name is not None and not bfloat16_bits and x.flags.c_contiguous:
+        return Tensor(name, x.shape, _bytes_of(x))  # hot path: already in the wire's byte order and layout
     name = x.dtype.name
     if bfloat16_bits:
         if name != "uint16":
@@ -176,10 +184,41 @@ def from_wire(t: Tensor) -> np.ndarray:
 
 def as_torch(t: Tensor) -> Any:
     """``Tensor`` -> a new, writable CPU torch tensor of the same dtype (bfloat16 included)."""
+    return _torch_of(from_wire(t).copy(), t.dtype)  # writable: torch warns on (and must not write into) bytes
+
+
+def as_torch_joined(rows: Sequence[Sequence[Tensor]]) -> Any:
+    """Several messages' tensors as one new torch tensor, with one copy from the wire: ``rows[m]`` are message
+    ``m``'s ``[T_m, H, W_i]`` tensors (one dtype), laid side by side on the last axis; the messages follow one
+    another on the first. The result is ``[sum T_m, H, sum W_i]``: what ``torch.cat`` of ``as_torch``'s would give,
+    without the intermediate tensors (an owner stacks every requester's ``q_nope | q_pe`` this way)."""
+    first = rows[0]
+    dtype, heads = first[0].dtype, first[0].shape[1]
+    widths = [t.shape[2] for t in first]
+    total = 0
+    for msg in rows:  # a plain loop: this runs per route, and generator expressions cost microseconds here
+        num = msg[0].shape[0]
+        if len(msg) != len(widths):
+            raise WireError(f"every message must give {len(widths)} tensors to join, not {len(msg)}")
+        for t, width in zip(msg, widths, strict=True):
+            if t.dtype != dtype or len(t.shape) != 3 or t.shape[0] != num or t.shape[1] != heads or t.shape[2] != width:
+                raise WireError(f"tensors to join must be [T, {heads}, W] {dtype}, one T per message, widths {widths}")
+        total += num
+    joined = np.empty((total, heads, sum(widths)), _NUMPY_DTYPES[dtype])
+    row = 0
+    for msg in rows:
+        stop, col = row + msg[0].shape[0], 0
+        for t, width in zip(msg, widths, strict=True):
+            joined[row:stop, :, col:col + width] = from_wire(t)
+            col += width
+        row = stop
+    return _torch_of(joined, dtype)
+
+
+def _torch_of(array: np.ndarray, dtype: str) -> Any:
     import torch  # lazy: the core must import without torch
 
-    array = from_wire(t).copy()  # writable: torch warns on (and must not write into) bytes
-    if t.dtype == "bfloat16":
+    if dtype == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
@@ -281,7 +320,7 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(buf: bytes | bytearray | memoryview, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Size check, then decode, then validate; raises only ``WireError``."""
+    """Size check, then decode, then validate; raises only ``WireError``. Tensors view ``buf`` (see ``Tensor``)."""
     if len(buf) > max_bytes:  # before msgspec allocates anything
         raise WireError(f"message too large: {len(buf)} bytes > max_bytes={max_bytes}")
     try:

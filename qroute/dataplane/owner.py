@@ -77,7 +77,7 @@ class OwnerService:
         """Answer one call (a transport's handler): the reply bytes, an ``ErrorReply`` on any failure."""
         return self.handle_batch([payload])[0]
 
-    def handle_batch(self, payloads: Sequence[bytes]) -> list[bytes]:
+    def handle_batch(self, payloads: Sequence[bytes | memoryview]) -> list[bytes]:
         """Answer calls that arrived together, one reply each, in order. Routes for the same corpus, layer and
         blocks are answered by one attention over all their query rows (one pass over the corpus rows for every
         requester instead of one each); each row's result is the one ``handle`` alone gives. The batch takes one
@@ -150,13 +150,12 @@ class OwnerService:
         """One attention over the stacked query rows of routes with the same corpus, layer and blocks."""
         first = members[0][1]
         shard = self.shards[first.corpus]
-        if len(members) == 1:
-            q_nope, q_pe = wire.as_torch(first.q_nope), wire.as_torch(first.q_pe)
-        else:
-            q_nope = torch.cat([wire.as_torch(req.q_nope) for _, req in members])
-            q_pe = torch.cat([wire.as_torch(req.q_pe) for _, req in members])
-        out, lse = shard.format.attend(q_nope, q_pe, shard.layers[first.layer], shard.slots(first.block_ids),
-                                       self.params.scale)  # fmt: skip
+        # every member's q_nope | q_pe in one buffer, one copy from the wire: the attention takes it as it is
+        joined = wire.as_torch_joined([(req.q_nope, req.q_pe) for _, req in members])
+        rank = self.params.kv_lora_rank
+        out, lse = shard.format.attend(joined[..., :rank], joined[..., rank:], shard.layers[first.layer],
+                                       shard.slots(first.block_ids), self.params.scale)  # fmt: skip
+        out, lse = out.numpy(), lse.numpy()  # slices of numpy arrays go to the wire for a fraction of torch's cost
         replies, row = [], 0
         for i, req in members:
             rows = slice(row, row + req.q_nope.shape[0])

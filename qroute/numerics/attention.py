@@ -153,13 +153,14 @@ def partial_attention(
         # One fused kernel instead of a dozen small ops (each costs microseconds of overhead on a CPU). The
         # keys are whole rows [c | k_pe] and the values the same rows (it wants equal head sizes): the output's
         # first kv_lora_rank columns are the latent result. Its LSE is natural log, like ours.
-        q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).view(1, 1, num_tokens * num_heads, -1)
-        rows = (cache[low:high + 1] if in_place else cache.index_select(0, slots)).float()[None, None]
+        q = _joint_query(q_nope, q_pe).view(1, 1, num_tokens * num_heads, -1)
+        rows = cache[low:high + 1] if in_place else cache.index_select(0, slots)
+        rows = (rows if rows.dtype == torch.float32 else rows.float())[None, None]
         out, lse = _FLASH_CPU(q, rows, rows, scale=scale)[:2]
         return out.view(num_tokens, num_heads, -1)[..., :kv_lora_rank].contiguous(), lse.view(num_tokens, num_heads)
     # One [T*H, R+P] query block against whole rows: a single matmul gives q_nope.c + q_pe.k_pe, scaled
     # beforehand on the small side. Few, large torch ops: on a CPU each op costs microseconds of overhead.
-    q = torch.cat([q_nope.float(), q_pe.float()], dim=-1).reshape(num_tokens * num_heads, -1) * scale
+    q = _joint_query(q_nope, q_pe).reshape(num_tokens * num_heads, -1) * scale
     if q_positions is not None:
         q_positions, kv_positions = q_positions.to(device), kv_positions.to(device)
     step = max(1, _MAX_SCORE_ELEMS // max(1, num_tokens * num_heads))
@@ -185,6 +186,20 @@ def partial_attention(
         out = (probs.view(num_tokens * num_heads, -1) @ rows[:, :kv_lora_rank]).view(num_tokens, num_heads, -1)
         parts.append((out.div_(total.clamp_min_(1.0) if masked else total), lse))  # no keys: zeros, not 0/0
     return parts[0] if len(parts) == 1 else merge(parts)
+
+
+def _joint_query(q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+    """``[T, H, R + P]`` float32 ``q_nope | q_pe``: a view where the two are the halves of one float32 buffer (how an
+    owner decodes a batch of routes, ``wire.as_torch_joined``), else a new concatenation."""
+    num_tokens, num_heads, rank = q_nope.shape
+    width = rank + q_pe.shape[-1]
+    strides = (num_heads * width, width, 1)
+    # cheapest test first: separate tensors fail it at once (each torch call here costs a fraction of a microsecond)
+    if (q_pe.data_ptr() == q_nope.data_ptr() + 4 * rank and q_nope.dtype == q_pe.dtype == torch.float32
+            and q_nope.stride() == q_pe.stride() == strides
+            and q_pe.untyped_storage().data_ptr() == q_nope.untyped_storage().data_ptr()):
+        return q_nope.as_strided((num_tokens, num_heads, width), strides)  # one storage: one device
+    return torch.cat([q_nope.float(), q_pe.float()], dim=-1)
 
 
 def empty_part(num_tokens: int, num_heads: int, kv_lora_rank: int, device: torch.device | str | None = None) -> Part:

@@ -21,8 +21,9 @@ Server (owner side)
       serving. ``payload`` is a fresh ``bytes`` the handler may keep; the reply is bytes-like.
   ``batch_handler(payloads) -> replies`` (optional) answers calls that arrived together, one reply each in order,
       so that the owner can answer them with one computation. NIXL's poll thread passes it every call one poll
-      pass found; TCP and loopback serve calls one at a time and use ``handler`` only. An exception in it fails
-      every call of the batch.
+      pass found (one or more); TCP and loopback serve calls one at a time and use ``handler`` only. An exception
+      in it fails every call of the batch. Its payloads are bytes-like views valid only until it returns (NIXL:
+      of the inbox slots the calls landed in, not copied): copy what it keeps.
   ``regions`` (name -> contiguous numpy array or torch CPU tensor) are the ONLY memory peers may read. The
       caller owns them and must keep them alive and unmoved until ``stop()`` returns; peers may read them at
       any time (a NIXL read does not involve the owner's CPU), so writes race with reads.
@@ -64,7 +65,7 @@ from qroute.errors import ConfigError
 from qroute.metrics import MetricsSnapshot
 
 Handler = Callable[[bytes], bytes]
-BatchHandler = Callable[[Sequence[bytes]], list[bytes]]
+BatchHandler = Callable[[Sequence[bytes | memoryview]], list[bytes]]
 HelloCheck = Callable[[bytes], bytes]
 Buffer = Any  # numpy array, torch CPU tensor, bytearray, memoryview: anything byte_view accepts
 

@@ -8,7 +8,8 @@ arrive as TCP calls on the control channel and are answered there by the same ha
 Handlers of NIXL calls run on the poll thread (a slow handler delays every requester's NIXL calls, not their
 reads); calls that came over the control channel run on that connection's thread. The calls one poll pass finds
 go to the ``batch_handler`` together when there is one (the owner answers routes for the same blocks with one
-attention), else to the handler one at a time.
+attention), as views of the inbox (the slots stay untouched until their replies are written), else to the
+handler one at a time, copied.
 
 Polling on small machines: after work the thread spins with sched_yield for ``spin_s``, then sleeps
 ``idle_sleep_s`` at a time; after ``deep_idle_s`` it blocks until a requester rings (a WAKE frame, sent by a
@@ -47,11 +48,10 @@ from qroute.transport.nixl_agent import (
     REPLY,
     Backoff,
     NixlAgent,
+    PreparedTransfers,
     RegHandle,
     ReplyStatus,
-    XferHandle,
     descs,
-    handle_is_kept,
     size_class,
     slot_span,
 )
@@ -67,7 +67,7 @@ class _OwnerConn:
         self.sid, self.peer, self.inbox, self.inbox_reg = sid, peer, inbox, inbox_reg
         self.num_slots, self.slot_bytes = num_slots, slot_bytes
         self.reply_addr, self.reply_stride = reply_addr, reply_stride
-        self.handles: dict[tuple[int, int], XferHandle] = {}
+        self.handles = PreparedTransfers()
         self.dead = False
 
     def __repr__(self) -> str:
@@ -80,7 +80,12 @@ class _Call:
     req_id: int
     slot: int
     span: int  # slots the call took (from ``slot``); its reply may use as many
-    payload: bytes
+    start: int  # where the payload lies in the connection's inbox
+    length: int
+
+    def payload(self) -> np.ndarray:
+        """The call's bytes where they landed in the inbox (untouched until its reply is written)."""
+        return self.conn.inbox[self.start:self.start + self.length]
 
 
 class NixlServer(Server):
@@ -219,11 +224,10 @@ class NixlServer(Server):
             backoff.busy()
 
     def _answer(self, calls: list[_Call]) -> None:
-        payloads = [call.payload for call in calls]
-        if self._batch_handler is not None and len(calls) > 1:
-            results = self._tcp.invoke_batch(payloads, self._batch_handler)
+        if self._batch_handler is not None:  # it reads the calls where they landed: their slots stay put till the reply
+            results = self._tcp.invoke_batch([call.payload().data for call in calls], self._batch_handler)
         else:
-            results = [self._tcp.invoke(payload) for payload in payloads]
+            results = [self._tcp.invoke(call.payload().tobytes()) for call in calls]
         for call, (ok, reply) in zip(calls, results, strict=True):
             try:
                 self._reply(call.conn, call.req_id, call.slot, ReplyStatus.OK if ok else ReplyStatus.HANDLER_ERROR,
@@ -257,8 +261,7 @@ class NixlServer(Server):
             message = f"{length} bytes is over the owner's limit (max_request_bytes={self.max_request_bytes})"
             self._reply(conn, req_id, slot, ReplyStatus.REFUSED, message.encode())
             return
-        start = slot * conn.slot_bytes
-        return _Call(conn, req_id, slot, span, conn.inbox[start:start + length].tobytes())
+        return _Call(conn, req_id, slot, span, slot * conn.slot_bytes, length)
 
     def _reply(self, conn: _OwnerConn, req_id: int, slot: int, status: ReplyStatus, body: bytes, *,
                span: int = 1) -> None:
@@ -286,19 +289,11 @@ class NixlServer(Server):
                 return
             self._outbox[:n] = np.frombuffer(body, np.uint8)
             size = size_class(n, limit)
-            cached = handle_is_kept(size, conn.slot_bytes)
-            handle = conn.handles.get((slot, size))
-            if handle is None:
-                dst = conn.reply_addr + slot * conn.reply_stride
-                handle = agent.xfer("WRITE", descs([(self._outbox_reg.addr, size)]), descs([(dst, size)]),
-                                    conn.peer, f"reply sid={conn.sid} slot={slot} {size}B")
-                if cached:
-                    conn.handles[(slot, size)] = handle
-            try:
-                agent.run(handle, notif, time.monotonic() + self._reply_timeout_s)
-            finally:
-                if not cached:
-                    handle.release()
+            dst = conn.reply_addr + slot * conn.reply_stride
+            handle = conn.handles.get((slot, size), lambda: agent.xfer(
+                "WRITE", descs([(self._outbox_reg.addr, size)]), descs([(dst, size)]), conn.peer,
+                f"reply sid={conn.sid} slot={slot} {size}B"))
+            agent.run(handle, notif, time.monotonic() + self._reply_timeout_s)
         except TransportError:
             conn.dead = True  # the requester vanished; its control socket's EOF cleans up
 
@@ -310,10 +305,6 @@ class NixlServer(Server):
         conn = self._conns.pop(sid, None)
         if conn is None or self._agent is None:
             return
-        for handle in conn.handles.values():
-            try:
-                handle.release()
-            except TransportError:
-                pass
+        conn.handles.release_all()
         conn.inbox_reg.release()
         self._agent.remove_remote(conn.peer)

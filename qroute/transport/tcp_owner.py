@@ -203,7 +203,8 @@ class TcpServer(Server):
             raise RemoteDisconnected(f"control connection {sid} is gone")
         session.send(parts, time.monotonic() + timeout_s)
 
-    def invoke_batch(self, payloads: Sequence[bytes], batch_handler: BatchHandler) -> list[tuple[bool, bytes]]:
+    def invoke_batch(self, payloads: Sequence[bytes | memoryview],
+                     batch_handler: BatchHandler) -> list[tuple[bool, bytes]]:
         """Run ``batch_handler`` over calls that arrived together: one ``invoke`` result per call, in order."""
         self.counters.add("calls", len(payloads))
         try:

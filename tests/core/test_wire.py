@@ -121,6 +121,46 @@ def test_big_endian_and_strided_arrays_are_normalised() -> None:
     np.testing.assert_array_equal(from_wire(t), x)
 
 
+def test_decoded_tensors_view_the_buffer() -> None:
+    x = np.arange(6, dtype="<f4")
+    buf = bytearray(encode(RouteReply(1, to_wire(x.reshape(1, 2, 3)), to_wire(np.zeros((1, 2), "<f4")))))
+    reply = decode(buf)
+    assert isinstance(reply.out.data, memoryview)
+    at = bytes(buf).index(x.tobytes())
+    buf[at:at + 4] = np.float32(42).tobytes()  # the buffer changes under the decoded tensor: no copy was made
+    assert from_wire(reply.out).reshape(-1)[0] == 42
+    copied = as_torch(reply.out)  # as_torch copies: later changes to the buffer do not reach it
+    buf[at:at + 4] = np.float32(0).tobytes()
+    assert copied.reshape(-1)[0] == 42
+
+
+def _decoded_queries(k: int, q_nope: torch.Tensor, q_pe: torch.Tensor) -> tuple[Tensor, Tensor]:
+    request = decode(encode(RouteRequest(k, "c", 0, to_wire(q_nope), to_wire(q_pe), (0,), 1)))
+    return request.q_nope, request.q_pe
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joined_tensors_equal_the_concatenation(dtype: torch.dtype) -> None:
+    messages = [(torch.randn(t, 3, 8).to(dtype), torch.randn(t, 3, 2).to(dtype)) for t in (1, 3, 2)]
+    joined = wire.as_torch_joined([_decoded_queries(k, a, b) for k, (a, b) in enumerate(messages)])
+    want = torch.cat([torch.cat([a, b], dim=-1) for a, b in messages])
+    assert joined.dtype == dtype and torch.equal(joined, want)
+
+
+def test_joined_tensors_must_agree_but_in_their_rows() -> None:
+    a, b = to_wire(np.zeros((1, 3, 8), "<f4")), to_wire(np.zeros((1, 3, 2), "<f4"))
+    assert wire.as_torch_joined([(a, b), (to_wire(np.ones((4, 3, 8), "<f4")), to_wire(np.ones((4, 3, 2), "<f4")))]
+                                ).shape == (5, 3, 10)  # fmt: skip
+    for other in [(a, to_wire(np.zeros((1, 3, 5), "<f4"))),  # another width
+                  (to_wire(np.zeros((1, 4, 8), "<f4")), b),  # other heads
+                  (to_wire(np.zeros((1, 3, 8), "<f2")), b),  # another dtype
+                  (a, to_wire(np.zeros((2, 3, 2), "<f4")))]:  # pieces of one message with different rows
+        with pytest.raises(WireError, match="one T per message"):
+            wire.as_torch_joined([(a, b), other])
+    with pytest.raises(WireError, match="2 tensors to join, not 1"):
+        wire.as_torch_joined([(a, b), (a,)])
+
+
 def test_error_reply_to_exception() -> None:
     exc = ErrorReply(3, ErrorCode.DEADLINE, "took 12 ms").as_exception()
     assert isinstance(exc, RemoteError) and exc.code is ErrorCode.DEADLINE and "deadline: took 12 ms" in str(exc)

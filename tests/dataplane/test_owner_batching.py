@@ -81,9 +81,12 @@ def test_calls_that_arrive_together_over_nixl_are_answered_as_one_batch(service)
         all_posted.wait(10.0)
         return owner.handle(payload)
 
+    payload_types: set[type] = set()
+
     def batch(payloads):
         all_posted.wait(10.0)
         batch_sizes.append(len(payloads))
+        payload_types.update(map(type, payloads))
         return owner.handle_batch(payloads)
 
     transport = get_transport("nixl")
@@ -103,6 +106,7 @@ def test_calls_that_arrive_together_over_nixl_are_answered_as_one_batch(service)
         transport.close()
     assert all(map(replies_agree, replies, [owner.handle(call) for call in calls]))
     assert batch_sizes and max(batch_sizes) >= 2, batch_sizes  # arrivals that coincided were answered together
+    assert payload_types == {memoryview}  # read where they landed in the inbox, not copied out
 
 
 def test_replies_agree_only_within_rounding(service):

@@ -89,6 +89,22 @@ def test_small_latent_width():
     assert_part_close(merge(halves), ref)
 
 
+def test_halves_of_one_query_buffer_are_attended_in_place():
+    """q_nope and q_pe as the two halves of one [T, H, R + P] buffer (how an owner decodes its routes) are read as
+    one query without a concatenation, with the answer of separate tensors; halves of different buffers are
+    concatenated."""
+    q_nope, q_pe, cache, slots = make_inputs(3, 4, 50)
+    joint = torch.cat([q_nope, q_pe], dim=-1)
+    halves = joint[..., :512], joint[..., 512:]
+    view = attention._joint_query(*halves)
+    assert view.data_ptr() == joint.data_ptr() and torch.equal(view, joint)
+    assert attention._joint_query(q_nope, q_pe).data_ptr() not in (q_nope.data_ptr(), q_pe.data_ptr())
+    other = torch.cat([q_nope, q_pe], dim=-1)  # the same values, but q_pe from another buffer
+    assert torch.equal(attention._joint_query(halves[0], other[..., 512:]), joint)
+    got, want = partial_attention(*halves, cache, slots, SCALE), partial_attention(q_nope, q_pe, cache, slots, SCALE)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_key_chunking_is_exact(monkeypatch):
     monkeypatch.setattr(attention, "_MAX_SCORE_ELEMS", 40)  # 5 keys per chunk at T*H = 8
     q_nope, q_pe, cache, slots = make_inputs(2, 4, 23)
