@@ -21,6 +21,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # 512 fp8 NoPE values + one fp32 scale per 128 of them + the RoPE part kept in bf16).
 CACHE_DTYPES = (*DTYPE_BYTES, "fp8_ds_mla")
 LSE_BYTES = 4  # the returned log-sum-exp is fp32 per head
+# Owners return the partial output in float32 whatever the model dtype (``OwnerService``): the merge of partials
+# is exact only if no part is rounded to the model dtype before it.
+RETURN_ELEMENT_BYTES = 4
 # Geometries of well-known models shipped with the repository (config values only).
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -36,7 +39,7 @@ class MLAGeometry:
     qk_rope_head_dim: int
     qk_nope_head_dim: int
     v_head_dim: int
-    dtype: str = "bfloat16"  # activations: query rows and returned rows travel in this dtype
+    dtype: str = "bfloat16"  # activations: query rows travel in this dtype (returned rows in float32)
     cache_dtype: str = "bfloat16"  # how owners store the latent KV
     index_topk: int | None = None  # DSA models select this many tokens per query
 
@@ -71,8 +74,8 @@ class MLAGeometry:
 
     @property
     def return_row_bytes(self) -> int:
-        """Bytes of one head's partial result: the latent output plus its fp32 LSE."""
-        return self.kv_lora_rank * DTYPE_BYTES[self.dtype] + LSE_BYTES
+        """Bytes of one head's partial result: the float32 latent output plus its fp32 LSE."""
+        return self.kv_lora_rank * RETURN_ELEMENT_BYTES + LSE_BYTES
 
     @property
     def latent_bytes_per_token_all_layers(self) -> int:

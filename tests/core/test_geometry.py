@@ -15,7 +15,7 @@ def test_shipped_geometries(name, layers, heads, latent_bytes):
     assert (g.num_layers, g.num_heads, g.latent_bytes_per_token) == (layers, heads, latent_bytes)
     assert g.latent_width == 576
     assert g.query_row_bytes == 1152  # 576 bf16 values per head
-    assert g.return_row_bytes == 1028  # 512 bf16 values plus an fp32 LSE
+    assert g.return_row_bytes == 2052  # 512 float32 values (owners reply in float32) plus an fp32 LSE
 
 
 def test_cache_dtype_override_and_float32():
