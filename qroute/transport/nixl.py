@@ -11,17 +11,22 @@ kernel: it keeps honest peers honest, it is no sandbox.
 Messages. A connection has ``num_slots`` slots; slot ``i`` is bytes ``[i*S, i*S+S)`` of the owner's inbox and
 of the requester's reply buffer (S = ``slot_bytes``, the smaller of both sides'). Every notification is
 ``NOTIF`` (22 bytes, little-endian ``<cIQIIB``): kind, connection id, request id, slot, length, status.
-  call   the requester WRITEs the payload into its inbox slot with notif ``Q``; the owner's poll thread copies
-         it out, runs the handler, WRITEs the reply into the requester's reply slot with notif ``R`` and a
-         ``ReplyStatus`` (OK; HANDLER_ERROR or REFUSED: the slot holds the message). Empty payloads travel as
-         a bare notif. Writes up to 16 KiB round up to a power of two so their handles are prepared once.
+  call   the requester WRITEs the payload into its inbox slot with notif ``Q``; the owner's poll thread runs
+         the batch handler on it where it landed (a plain handler on a copy), WRITEs the reply into the
+         requester's reply slot with notif ``R`` and a ``ReplyStatus`` (OK; HANDLER_ERROR or REFUSED: the slot
+         holds the message). Empty payloads travel as a bare notif. Writes up to 16 KiB round up to a power of
+         two; each side keeps its prepared WRITE handles by slot and size (``PreparedTransfers``, the least
+         recently used released beyond 64), so a repeated message size is reposted, not prepared again.
   big    a request over ``slot_bytes`` takes as many adjacent slots as it needs (``length`` says how many) and its
          reply may use the same slots. Only a request bigger than the whole inbox, or one that finds no run of
          free slots, goes over the control channel as a TCP call (counted: ``NixlConnection.control_calls``; the
          first too big for the inbox logs a WARNING); a reply over its slots comes back as a TCP frame, announced
          by ``R`` with VIA_CONTROL. Nothing below ``max_request_bytes`` is refused for its size.
-  read   one-sided READ of the region into ``out``: through a registered staging buffer up to
-         ``staging_bytes``, else ``out`` is registered for the call. The owner's CPU is not involved.
+  read   one-sided READ of the region into ``out`` through the connection's registered staging buffer, which
+         grows (registered anew) to fit the largest read so far up to ``staging_max_bytes``; a larger read
+         registers ``out`` for the call. The READ handle of a (region, ranges) pair read through the staging
+         buffer is kept (256, least recently used released first), so the next decode step's read of the same
+         blocks is reposted, not prepared again. The owner's CPU is not involved.
   ping   notif ``P``, answered by the owner's poll thread with ``p``: ``NixlConnection.raw_notif_rtt``.
   wake   a requester quiet for longer than the owner's ``wake_after_s`` first sends a WAKE frame on the control
          socket, because the owner's poll thread may be in deep sleep.
@@ -70,8 +75,9 @@ class NixlTransport(Transport):
     ``slot_bytes``, ``num_slots``  per-connection inbox geometry (1 MiB x 8); a payload over one slot takes
         adjacent slots, one over the whole inbox the control channel. An owner grants ``min(its slot_bytes, the
         requester's)`` and at most ``max_slots`` slots.
-    ``staging_bytes``  reads up to this size go through a registered staging buffer (64 KiB), larger ones
-        register ``out`` for the duration of the read.
+    ``staging_bytes``, ``staging_max_bytes``  a connection's registered staging buffer for reads starts at the
+        first (64 KiB) and grows to fit the largest read, up to the second (16 MiB); a read over that registers
+        ``out`` for its duration.
     ``spin_s``, ``idle_sleep_s``, ``deep_idle_s``  poll back-off (2 ms of sched_yield, then 50 us sleeps; an
         owner idle for 20 ms sleeps until woken).
     ``reply_timeout_s``  how long an owner tries to write one reply.
@@ -81,18 +87,21 @@ class NixlTransport(Transport):
     name = "nixl"
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, slot_bytes: int = 1 << 20, num_slots: int = 8,
-                 max_slots: int = 64, staging_bytes: int = 1 << 16, spin_s: float = 2e-3,
+                 max_slots: int = 64, staging_bytes: int = 1 << 16, staging_max_bytes: int = 16 << 20,
+                 spin_s: float = 2e-3,
                  idle_sleep_s: float = 50e-6, deep_idle_s: float = 20e-3, reply_timeout_s: float = 5.0,
                  max_connections: int = 64, handshake_timeout_s: float = 5.0, io_timeout_s: float = 30.0):
-        if slot_bytes < 1 or not 1 <= num_slots <= max_slots or staging_bytes < 1:
-            raise ConfigError(f"nixl: need slot_bytes >= 1, 1 <= num_slots <= max_slots, staging_bytes >= 1; got "
-                              f"slot_bytes={slot_bytes} num_slots={num_slots} max_slots={max_slots} "
-                              f"staging_bytes={staging_bytes}")
+        if slot_bytes < 1 or not 1 <= num_slots <= max_slots or not 1 <= staging_bytes <= staging_max_bytes:
+            raise ConfigError(f"nixl: need slot_bytes >= 1, 1 <= num_slots <= max_slots, 1 <= staging_bytes <= "
+                              f"staging_max_bytes; got slot_bytes={slot_bytes} num_slots={num_slots} "
+                              f"max_slots={max_slots} staging_bytes={staging_bytes} "
+                              f"staging_max_bytes={staging_max_bytes}")
         if not 0 <= spin_s <= deep_idle_s or idle_sleep_s <= 0:
             raise ConfigError(f"nixl: need 0 <= spin_s <= deep_idle_s and idle_sleep_s > 0; got spin_s={spin_s} "
                               f"idle_sleep_s={idle_sleep_s} deep_idle_s={deep_idle_s}")
         self.slot_bytes, self.num_slots, self.max_slots = slot_bytes, num_slots, max_slots
-        self.staging_bytes, self.reply_timeout_s = staging_bytes, reply_timeout_s
+        self.staging_bytes, self.staging_max_bytes = staging_bytes, staging_max_bytes
+        self.reply_timeout_s = reply_timeout_s
         self.spin_s, self.idle_sleep_s, self.deep_idle_s = spin_s, idle_sleep_s, deep_idle_s
         self._tcp_opts = dict(host=host, port=port, max_connections=max_connections,
                               handshake_timeout_s=handshake_timeout_s, io_timeout_s=io_timeout_s)

@@ -31,14 +31,15 @@ from qroute.transport.nixl_agent import (
     NOTIF,
     PING,
     PONG,
+    READS_KEPT,
     REPLY,
     Backoff,
     NixlAgent,
+    PreparedTransfers,
     RegHandle,
     ReplyStatus,
     XferHandle,
     descs,
-    handle_is_kept,
     size_class,
     slot_span,
 )
@@ -94,7 +95,8 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
         self._stride = transport.slot_bytes
         self._busy = [False] * transport.num_slots
         self.control_calls = 0  # calls that took the control channel (bigger than the inbox, or no free slots)
-        self._handles: dict[tuple[int, int], XferHandle] = {}
+        self._handles = PreparedTransfers()  # WRITEs of calls
+        self._reads = PreparedTransfers(READS_KEPT)  # READs into the staging buffer
         self._lock = threading.Lock()
         self._ping_seen = 0
         self._wake_after_s = float(descriptor.get("wake_after_s", float("inf")))
@@ -163,22 +165,14 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
         base = slot * self._stride
         send[base:base + n] = np.frombuffer(payload, np.uint8)
         size = size_class(n, max(n, self.slot_bytes))
-        cached = handle_is_kept(size, self.slot_bytes)
-        handle = self._handles.get((slot, size))
-        if handle is None:
-            handle = self._agent.xfer(
-                "WRITE", descs([(self._regs["send"].addr + base, size)]),
-                descs([(self._inbox_addr + slot * self.slot_bytes, size)]), self.peer, f"call slot={slot} {size}B")
-            if cached:
-                self._handles[(slot, size)] = handle
+        handle = self._handles.get((slot, size), lambda: self._agent.xfer(
+            "WRITE", descs([(self._regs["send"].addr + base, size)]),
+            descs([(self._inbox_addr + slot * self.slot_bytes, size)]), self.peer, f"call slot={slot} {size}B"))
         try:
             self._agent.run(handle, notif, deadline)
         except TransportError:
-            self._handles.pop((slot, size), None)
+            self._handles.drop((slot, size))
             raise
-        finally:
-            if not cached:
-                handle.release()
 
     def read(self, region: str, ranges: Sequence[tuple[int, int]], out: Buffer,
              timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -190,22 +184,22 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
         self._ctrl.poll_nowait()  # a dead owner shows as EOF here, before NIXL complains
         with self._lock:
             self._check_open()
-            staging = self._buffers["staging"]
-            temp = None if total <= staging.nbytes else self._agent.register(dst[:total])
-            local_base = self._regs["staging"].addr if temp is None else temp.addr
-            base = self._regions[region][0]
-            local, remote, pos = [], [], 0
-            for offset, length in ranges:
-                if length:
-                    local.append((local_base + pos, length))
-                    remote.append((base + offset, length))
-                    pos += length
+            staged = self._staging_for(total)
+            temp = None if staged else self._agent.register(dst[:total])
+            key = (region, tuple(map(tuple, ranges)))
             try:
-                handle = self._agent.xfer("READ", descs(local), descs(remote), self.peer, f"read {region}")
+                if staged:
+                    handle = self._reads.get(key, lambda: self._prepare_read(region, ranges, self._regs["staging"]))
+                else:
+                    handle = self._prepare_read(region, ranges, temp)
                 try:
                     self._agent.run(handle, b"", deadline)
+                except TransportError:
+                    self._reads.drop(key)
+                    raise
                 finally:
-                    handle.release()
+                    if not staged:
+                        handle.release()
             except TransportTimeout:
                 # NIXL may still write into the staging buffer: nothing may use this connection any more
                 self._ctrl.fail(RemoteDisconnected(f"a read from {self._ctrl.address} timed out; connection dropped"))
@@ -216,8 +210,33 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
             finally:
                 if temp is not None:
                     temp.release()
-            if temp is None:
-                dst[:total] = staging[:total]
+            if staged:
+                dst[:total] = self._buffers["staging"][:total]
+
+    def _staging_for(self, total: int) -> bool:
+        """Whether a ``total``-byte read fits the staging buffer, grown (registered anew, the READs prepared into
+        the old one released) when it does not and ``staging_max_bytes`` allows. Under ``_lock``."""
+        if total <= self._buffers["staging"].nbytes:
+            return True
+        if total > self._transport.staging_max_bytes:
+            return False
+        size = min(1 << (total - 1).bit_length(), self._transport.staging_max_bytes)  # few growths, not one a read
+        staging = np.zeros(size, np.uint8)
+        reg = self._agent.register(staging)
+        self._reads.release_all()
+        self._regs["staging"].release()
+        self._buffers["staging"], self._regs["staging"] = staging, reg
+        return True
+
+    def _prepare_read(self, region: str, ranges: Sequence[tuple[int, int]], into: RegHandle) -> XferHandle:
+        base = self._regions[region][0]
+        local, remote, pos = [], [], 0
+        for offset, length in ranges:
+            if length:
+                local.append((into.addr + pos, length))
+                remote.append((base + offset, length))
+                pos += length
+        return self._agent.xfer("READ", descs(local), descs(remote), self.peer, f"read {region}")
 
     def raw_notif_rtt(self, n: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[float]:
         deadline = deadline_after(timeout_s)
@@ -244,11 +263,8 @@ class NixlConnection(Connection, SupportsOneSidedRead, SupportsRawPing):
             self._closed = True
         self._ctrl.close()
         self._transport._forget(self)
-        for handle in self._handles.values():
-            try:
-                handle.release()
-            except TransportError:
-                pass
+        self._handles.release_all()
+        self._reads.release_all()
         for reg in self._regs.values():
             reg.release()
         self._agent.remove_remote(self.peer)

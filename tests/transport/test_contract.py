@@ -90,6 +90,29 @@ def test_nixl_messages_over_a_slot_take_adjacent_slots_not_tcp(conn, transport_n
     assert conn.control_calls == before + 1
 
 
+def test_nixl_repeated_message_sizes_reuse_their_prepared_writes(conn, transport_name, monkeypatch):
+    """A call over 16 KiB (every route at real model sizes) is written with a prepared handle kept by slot and
+    size: repeating it prepares nothing new, and the handles kept stay bounded however many sizes go by."""
+    if transport_name != "nixl":
+        pytest.skip("prepared WRITEs are NIXL's")
+    from qroute.transport.nixl_agent import HANDLES_KEPT, live_counts
+
+    prepared = []
+    prepare = conn._agent.xfer
+    monkeypatch.setattr(conn._agent, "xfer", lambda *a: prepared.append(a[-1]) or prepare(*a))  # counts, then prepares
+    body = os.urandom(40_000)
+    assert conn.call(b"e" + body, 10.0) == body
+    assert len(prepared) == 1
+    held = live_counts()["xfer_handles"]
+    for _ in range(20):
+        assert conn.call(b"e" + body, 10.0) == body
+    assert len(prepared) == 1 and live_counts()["xfer_handles"] == held  # reposted, not prepared again
+    for size in range(20_000, 20_000 + 100 * (HANDLES_KEPT + 10), 100):  # more sizes than are kept
+        assert conn.call(b"e" + bytes(size), 10.0) == bytes(size)
+    assert len(conn._handles) == HANDLES_KEPT
+    assert live_counts()["xfer_handles"] <= held + HANDLES_KEPT
+
+
 def test_done_makes_progress_without_wait(conn):
     pending = conn.post(b"eabc")
     deadline = time.monotonic() + 5.0
@@ -212,6 +235,63 @@ def test_read_into_torch_tensor(conn):
     row_bytes = rows.shape[1] * 4
     conn.read("rows", [(10 * row_bytes, 8 * row_bytes), (50 * row_bytes, 8 * row_bytes)], out, 5.0)
     assert torch.equal(out, torch.from_numpy(np.concatenate([rows[10:18], rows[50:58]])))
+
+
+def test_nixl_repeated_reads_reuse_their_prepared_handle(conn, transport_name, monkeypatch):
+    """A decode step reads the same blocks of a layer as the step before: the READ of a (region, ranges) pair is
+    prepared once and reposted, every read still lands its own bytes, and the handles kept stay bounded."""
+    if transport_name != "nixl":
+        pytest.skip("prepared READs are NIXL's")
+    from qroute.transport.nixl_agent import READS_KEPT, live_counts
+
+    corpus = make_regions()["corpus"]
+    prepared = []
+    prepare = conn._agent.xfer
+    monkeypatch.setattr(conn._agent, "xfer", lambda *a: prepared.append(a[-1]) or prepare(*a))  # counts, then prepares
+    ranges = [(4096, 30_000), (200_000, 20_000)]
+    expected = np.concatenate([corpus[o:o + n] for o, n in ranges])
+    for _ in range(10):
+        out = np.zeros(expected.nbytes, np.uint8)
+        conn.read("corpus", ranges, out, 5.0)
+        assert np.array_equal(out, expected)
+    assert prepared == ["read corpus"]  # one preparation for ten reads
+    held = live_counts()["xfer_handles"]
+    for k in range(READS_KEPT + 20):  # more distinct reads than are kept
+        out = np.zeros(100, np.uint8)
+        conn.read("corpus", [(k * 100, 100)], out, 5.0)
+        assert np.array_equal(out, corpus[k * 100:k * 100 + 100])
+    assert len(conn._reads) == READS_KEPT
+    assert live_counts()["xfer_handles"] <= held + READS_KEPT
+
+
+def test_nixl_reads_grow_the_staging_buffer_up_to_its_bound(peer, transport_name):
+    """A read over the staging buffer grows it (once, to a power of two) and is kept prepared like any other; one
+    over ``staging_max_bytes`` registers the caller's buffer for the call and keeps nothing."""
+    if transport_name != "nixl":
+        pytest.skip("the staging buffer is NIXL's")
+    from qroute.transport.nixl_agent import live_counts
+
+    corpus = make_regions()["corpus"]
+    transport = get_transport("nixl", staging_bytes=4096, staging_max_bytes=64 << 10)
+    conn = transport.connect(peer.address, secret=SECRET, hello=b"contract", timeout_s=10.0)
+    try:
+        assert conn._buffers["staging"].nbytes == 4096
+        out = np.zeros(40_000, np.uint8)
+        conn.read("corpus", [(1000, 40_000)], out, 5.0)
+        assert np.array_equal(out, corpus[1000:41_000])
+        assert conn._buffers["staging"].nbytes == 64 << 10 and len(conn._reads) == 1  # grown to 2^16
+        registrations = live_counts()["registrations"]
+        big = np.zeros(100_000, np.uint8)
+        for _ in range(3):
+            conn.read("corpus", [(500_000, 100_000)], big, 5.0)
+            assert np.array_equal(big, corpus[500_000:600_000])
+        assert conn._buffers["staging"].nbytes == 64 << 10 and len(conn._reads) == 1  # over the bound: not kept
+        assert live_counts()["registrations"] == registrations  # the caller's buffer was registered and released
+    finally:
+        conn.close()
+        transport.close()
+    with pytest.raises(ConfigError, match="staging_max_bytes"):
+        get_transport("nixl", staging_bytes=1 << 20, staging_max_bytes=1 << 16)
 
 
 def test_bad_reads_are_refused_before_any_transfer(conn):
