@@ -108,11 +108,14 @@ def test_fp8_rows_match_attention_over_the_dequantized_rows(kernels, dtype, t, h
     q_nope, q_pe = q_nope.to(dtype), q_pe.to(dtype)
     out, lse = kernels.partial_attention_triton(q_nope, q_pe, stored, slots, 0.07)
     truth_out, truth_lse = _float64_attention(q_nope, q_pe, FP8.decode(stored)[slots], 0.07)
-    # Scores reach about 20 here, so float32's rounding is relative: the kernel lands within 1e-6 of max |out| of a
-    # float64 reference over the same dequantized rows (seen: 7e-7); the torch float32 reference within 2e-6.
-    bound = 2e-6 * truth_out.abs().max().item()
-    assert (out.double() - truth_out).abs().max() <= bound and (lse.double() - truth_lse).abs().max() <= ATOL
     ref_out, ref_lse = FP8.attend(q_nope, q_pe, stored, slots, 0.07)  # partial_attention over FP8.decode(rows)
+    # Scores reach about 20 and rows 4x the unit scale here, so float32's rounding of the 576-term scores is what
+    # both float32 computations miss the float64 truth by, and how much depends on the CPU's summation order: the
+    # kernel was seen within 7e-7 of max |out| on one machine, and on an AMD EPYC at 2.7e-6 with the torch float32
+    # reference itself at 2.2e-6. So the kernel must be as close to the truth as float32 attention is on this
+    # machine (within 2x), or within 2e-6 of max |out|.
+    bound = max(2 * (ref_out.double() - truth_out).abs().max().item(), 2e-6 * truth_out.abs().max().item())
+    assert (out.double() - truth_out).abs().max() <= bound and (lse.double() - truth_lse).abs().max() <= ATOL
     assert (out - ref_out).abs().max() <= 2 * bound and (lse - ref_lse).abs().max() <= 2 * ATOL
 
 
