@@ -46,7 +46,7 @@ etcd:
 	command -v etcd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 
 test: lint etcd $(SGL_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) .pytest_cache .ruff_cache
