@@ -53,6 +53,11 @@ _MAX_SCORE_ELEMS = 1 << 24
 # PyTorch's fused CPU attention, which also returns the LSE (private, so looked up: without it the
 # op-by-op path below runs). Tiles internally: no score block is materialised.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# Its query rows per parallel block when there are few (fewer than 192, as in decode), and the key split
+# (`_fused_parts`): chunks per thread, and the fewest keys a chunk is worth (one of the kernel's key blocks).
+_FLASH_CPU_QUERY_BLOCK = 32
+_SPLITS_PER_THREAD = 2
+_MIN_KEYS_PER_SPLIT = 512
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -155,9 +160,10 @@ def partial_attention(
         # first kv_lora_rank columns are the latent result. Its LSE is natural log, like ours.
         q = _joint_query(q_nope, q_pe).view(1, 1, num_tokens * num_heads, -1)
         rows = cache[low:high + 1] if in_place else cache.index_select(0, slots)
-        rows = (rows if rows.dtype == torch.float32 else rows.float())[None, None]
-        out, lse = _FLASH_CPU(q, rows, rows, scale=scale)[:2]
-        return out.view(num_tokens, num_heads, -1)[..., :kv_lora_rank].contiguous(), lse.view(num_tokens, num_heads)
+        rows = rows if rows.dtype == torch.float32 else rows.float()
+        parts = [(out.view(num_tokens, num_heads, -1)[..., :kv_lora_rank], lse.view(num_tokens, num_heads))
+                 for out, lse in _fused_parts(q, rows, scale)]
+        return (parts[0][0].contiguous(), parts[0][1]) if len(parts) == 1 else merge(parts)
     # One [T*H, R+P] query block against whole rows: a single matmul gives q_nope.c + q_pe.k_pe, scaled
     # beforehand on the small side. Few, large torch ops: on a CPU each op costs microseconds of overhead.
     q = _joint_query(q_nope, q_pe).reshape(num_tokens * num_heads, -1) * scale
@@ -186,6 +192,33 @@ def partial_attention(
         out = (probs.view(num_tokens * num_heads, -1) @ rows[:, :kv_lora_rank]).view(num_tokens, num_heads, -1)
         parts.append((out.div_(total.clamp_min_(1.0) if masked else total), lse))  # no keys: zeros, not 0/0
     return parts[0] if len(parts) == 1 else merge(parts)
+
+
+def _fused_parts(q: torch.Tensor, rows: torch.Tensor, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fused CPU kernel's ``(out [M, D], lse [M])`` parts of ``q [1, 1, M, D]`` over ``rows [n, D]``, split
+    along the keys when the queries alone cannot keep torch's threads busy.
+
+    The kernel parallelises over (batch, head, block of query rows) only: one decode row's few heads are one
+    block, one thread, however many keys. Cut into equal key chunks laid along the batch dimension, the keys
+    are shared out over the threads; the parts merge exactly (`merge`).
+    """
+    num_rows, width = q.shape[2], q.shape[3]
+    num_keys = rows.shape[0]
+    threads = torch.get_num_threads()
+    query_blocks = -(-num_rows // _FLASH_CPU_QUERY_BLOCK)
+    splits = min(_SPLITS_PER_THREAD * threads, num_keys // _MIN_KEYS_PER_SPLIT) if query_blocks < threads else 1
+    if splits <= 1:
+        out, lse = _FLASH_CPU(q, rows[None, None], rows[None, None], scale=scale)[:2]
+        return [(out[0, 0], lse[0, 0])]
+    chunk = num_keys // splits
+    body = rows[:chunk * splits].view(splits, 1, chunk, width)
+    out, lse = _FLASH_CPU(q.expand(splits, 1, num_rows, width), body, body, scale=scale)[:2]
+    parts = [(out[i, 0], lse[i, 0]) for i in range(splits)]
+    if chunk * splits < num_keys:  # the few keys left over: one more, small call
+        tail = rows[chunk * splits:][None, None]
+        out, lse = _FLASH_CPU(q, tail, tail, scale=scale)[:2]
+        parts.append((out[0, 0], lse[0, 0]))
+    return parts
 
 
 def _joint_query(q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:

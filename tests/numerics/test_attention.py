@@ -112,6 +112,30 @@ def test_key_chunking_is_exact(monkeypatch):
         q_nope, q_pe, cache[slots], SCALE, 512))  # fmt: skip
 
 
+def test_fused_key_split_is_exact(monkeypatch):
+    """A decode row's few heads cannot keep the fused kernel's threads busy: its keys are split over the threads
+    (equal chunks along the batch dimension plus a tail) and the parts merged, exactly."""
+    if attention._FLASH_CPU is None:
+        pytest.skip("this torch build has no fused CPU attention kernel")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(attention, "_MIN_KEYS_PER_SPLIT", 16)
+    calls = []
+    flash = attention._FLASH_CPU
+
+    def counted(q, k, v, **kw):
+        calls.append(k.shape[:3])
+        return flash(q, k, v, **kw)
+
+    monkeypatch.setattr(attention, "_FLASH_CPU", counted)
+    q_nope, q_pe, cache, slots = make_inputs(1, 4, 203)
+    assert_part_close(partial_attention(q_nope, q_pe, cache, slots, SCALE), attention_ref(
+        q_nope, q_pe, cache[slots], SCALE, 512))  # fmt: skip
+    assert calls == [(8, 1, 25), (1, 1, 3)]  # 2 chunks per thread of 203 // 8 keys, then the 3 left over
+    calls.clear()
+    partial_attention(*make_inputs(64, 4, 203)[:3], range(0, 203), SCALE)  # 8 query blocks: no split
+    assert calls == [(1, 1, 203)]
+
+
 def test_empty_parts_are_neutral():
     q_nope, q_pe, cache, slots = make_inputs(3, 4, 10)
     part = partial_attention(q_nope, q_pe, cache, slots, SCALE)
