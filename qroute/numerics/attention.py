@@ -211,7 +211,7 @@ def _fused_parts(q: torch.Tensor, rows: torch.Tensor, scale: float) -> list[tupl
         out, lse = _FLASH_CPU(q, rows[None, None], rows[None, None], scale=scale)[:2]
         return [(out[0, 0], lse[0, 0])]
     chunk = num_keys // splits
-    body = rows[:chunk * splits].view(splits, 1, chunk, width)
+    body = rows[:chunk * splits].reshape(splits, 1, chunk, width)  # a view unless the rows are strided
     out, lse = _FLASH_CPU(q.expand(splits, 1, num_rows, width), body, body, scale=scale)[:2]
     parts = [(out[i, 0], lse[i, 0]) for i in range(splits)]
     if chunk * splits < num_keys:  # the few keys left over: one more, small call
